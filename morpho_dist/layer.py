@@ -1,0 +1,154 @@
+"""SeededLayer: a thin module holding one layer's seed state, blueprint bank and telemetry; forward calls the op."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from morpho_dist.blueprints import BlueprintBank, check_act, check_kind
+from morpho_dist.grafting import NUM_BLENDS, blend_id
+from morpho_dist.kernels.layout import NUM_FIELDS
+from morpho_dist.kernels.options import KernelOptions
+from morpho_dist.lifecycle import STATE_FIELDS, SeedState, Stage, check_transition
+from morpho_dist.ops import check_backend, seeded
+
+
+class SeededLayer(nn.Module):
+    """Watches x[..., hidden] with ``num_seeds`` seeds (this rank's shard: global seeds
+    ``seed_offset .. seed_offset + num_seeds - 1``).
+
+    Buffers (all in the state_dict): the per-seed state fields of lifecycle.STATE_FIELDS and ``telemetry``
+    [N, 8] fp32. Parameters: ``bank.p0``, ``bank.p1``. In training mode forward accumulates telemetry and
+    leaves this call's reconstruction loss in ``rec_loss`` for the train loop to add to its loss.
+    """
+
+    def __init__(
+        self,
+        hidden: int,
+        num_seeds: int,
+        *,
+        kind: str = "lowrank",
+        rank: int = 8,
+        act: str = "relu",
+        blend: str = "additive",
+        dead_eps: float = 1e-6,
+        backend: str = "auto",
+        kernel: KernelOptions | None = None,
+        layer_key: str = "layer",
+        base_seed: int = 0,
+        seed_offset: int = 0,
+    ) -> None:
+        super().__init__()
+        check_kind(kind)
+        check_act(act)
+        check_backend(backend)
+        if num_seeds < 1 or hidden % num_seeds:
+            raise ValueError(f"num_seeds={num_seeds} must be >= 1 and divide the layer width hidden={hidden}")
+        self.hidden, self.num_seeds, self.chunk = hidden, num_seeds, hidden // num_seeds
+        self.kind, self.act, self.dead_eps, self.backend = kind, act, dead_eps, backend
+        self.kernel = kernel or KernelOptions()
+        self.layer_key, self.seed_offset = layer_key, seed_offset
+        self.default_blend = blend_id(blend)
+        self.bank = BlueprintBank(
+            kind, num_seeds, self.chunk, rank, layer_key=layer_key, base_seed=base_seed, seed_offset=seed_offset
+        )
+        for name, tensor in SeedState.empty(num_seeds, self.default_blend).tensors().items():
+            self.register_buffer(name, tensor)
+        self.register_buffer("telemetry", torch.zeros(num_seeds, NUM_FIELDS))
+        self.rec_loss: torch.Tensor | None = None
+
+    # ---- forward ---------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y, self.rec_loss = seeded(
+            x,
+            self.stage,
+            self.blend,
+            self.alpha,
+            self.bank.p0,
+            self.bank.p1,
+            self.telemetry if self.training else None,
+            kind=self.kind,
+            act=self.act,
+            dead_eps=self.dead_eps,
+            backend=self.backend,
+            options=self.kernel,
+            check_ids=False,  # ids are validated where this module writes them
+        )
+        return y
+
+    # ---- state -----------------------------------------------------------------------------------------------
+    def state(self) -> SeedState:
+        return SeedState(**{name: getattr(self, name) for name in STATE_FIELDS})
+
+    def stages(self) -> list[Stage]:
+        """Host copy of the stages (one device->host copy)."""
+        return [Stage(s) for s in self.stage.tolist()]
+
+    def _check_index(self, index: int) -> int:
+        if not 0 <= index < self.num_seeds:
+            raise ValueError(f"seed index {index} out of range for layer {self.layer_key!r}: 0..{self.num_seeds - 1}")
+        return int(index)
+
+    @torch.no_grad()
+    def germinate(self, index: int, step: int, blend: str | int | None = None) -> None:
+        """DORMANT -> GERMINATED: bump the generation and re-draw the seed's blueprint slice."""
+        i = self._check_index(index)
+        src = int(self.stage[i])
+        check_transition(self.seed_offset + i, src, Stage.GERMINATED, "germinate")
+        b = self.default_blend if blend is None else (blend_id(blend) if isinstance(blend, str) else int(blend))
+        if not 0 <= b < NUM_BLENDS:
+            raise ValueError(f"blend id {b} out of range; allowed ids: 0..{NUM_BLENDS - 1}")
+        generation = int(self.generation[i]) + 1
+        self.bank.reinit_(i, generation, b)
+        self.generation[i] = generation
+        self.blend[i] = b
+        self.germinated_at[i] = step
+        self._enter(i, Stage.GERMINATED)
+
+    @torch.no_grad()
+    def apply_stage_changes(
+        self, changes: Iterable[tuple[int, int]], step: int, command: str = "advance"
+    ) -> None:
+        """Apply a batch of (local index, new stage) moves: all are checked first, so a refused batch changes
+        nothing. Re-entering DORMANT from CULLED needs the seed's embargo to have passed."""
+        changes = [(self._check_index(i), Stage(s)) for i, s in changes]
+        current = self.stage.tolist()
+        embargo = self.embargo_until.tolist()
+        for i, dst in changes:
+            check_transition(self.seed_offset + i, current[i], dst, command)
+            if current[i] == Stage.CULLED and dst == Stage.DORMANT and step < embargo[i]:
+                raise ValueError(
+                    f"seed {self.seed_offset + i}: command {command!r} refused: CULLED seed is embargoed "
+                    f"until step {embargo[i]} (now {step})"
+                )
+            if dst == Stage.GERMINATED:
+                raise ValueError(f"seed {self.seed_offset + i}: use germinate() to enter GERMINATED")
+        for i, dst in changes:
+            self._enter(i, dst)
+
+    def _enter(self, i: int, dst: Stage) -> None:
+        self.stage[i] = int(dst)
+        self.steps_in_stage[i] = 0
+        if dst in (Stage.DORMANT, Stage.CULLED, Stage.CANCELLED, Stage.ROLLED_BACK, Stage.GERMINATED):
+            self.alpha[i] = 0.0
+            self.alpha_rate[i] = 0.0
+
+    # ---- telemetry -------------------------------------------------------------------------------------------
+    def read_telemetry(self, reset: bool = True) -> torch.Tensor:
+        """A copy of the accumulated [N, 8] telemetry; zeroes the buffer when ``reset``."""
+        out = self.telemetry.clone()
+        if reset:
+            self.reset_telemetry()
+        return out
+
+    @torch.no_grad()
+    def reset_telemetry(self) -> None:
+        self.telemetry.zero_()
+
+    def extra_repr(self) -> str:
+        return (
+            f"layer={self.layer_key!r}, hidden={self.hidden}, seeds={self.num_seeds} (offset {self.seed_offset}), "
+            f"chunk={self.chunk}, kind={self.kind}, act={self.act}, backend={self.backend}"
+        )
