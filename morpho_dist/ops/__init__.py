@@ -56,6 +56,8 @@ def seeded(
     launch options; ``check_ids=False`` skips reading stage/blend values (a host sync on GPU) for callers
     that already guarantee them.
     """
+    if not isinstance(x, torch.Tensor):  # before x.device below: a ValueError naming x, like every other check
+        raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
     chosen = resolve_backend(backend, x.device)
     if chosen == "reference":
         return seeded_reference(

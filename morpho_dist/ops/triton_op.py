@@ -96,34 +96,38 @@ def _(dy, drec, x, stage, blend, alpha, p0, p1, telemetry, kind, act, block_rows
     return torch.empty_like(x), torch.empty_like(p0), torch.empty_like(p1)
 
 
-_STATIC = ("kind", "act", "block_rows", "block_cols", "num_warps", "deterministic", "dot_precision")
+class _SeededFunction(torch.autograd.Function):
+    """Binds the two custom ops (each mutating telemetry) into one differentiable call.
 
+    torch.library forbids an autograd formula on a mutating op, so the pairing lives here; Dynamo traces
+    autograd.Function and treats the custom ops as opaque nodes with fake implementations.
+    """
 
-def _setup_context(ctx, inputs, output):
-    x, stage, blend, alpha, p0, p1, telemetry, kind, act, _eps, br, bc, nw, det, prec = inputs
-    ctx.save_for_backward(x, stage, blend, alpha, p0, p1)
-    # Telemetry is updated in place by later calls; kept off the saved-tensor version check on purpose.
-    ctx.telemetry = telemetry
-    ctx.static = (kind, act, br, bc, nw, det, prec)
+    @staticmethod
+    def forward(ctx, x, stage, blend, alpha, p0, p1, telemetry, kind, act, dead_eps, opts: KernelOptions):
+        static = (opts.block_rows, opts.block_cols, opts.num_warps, opts.deterministic, opts.dot_precision)
+        y, rec_loss = torch.ops.morpho_dist.seeded_fwd(
+            x, stage, blend, alpha, p0, p1, telemetry, kind, act, dead_eps, *static
+        )
+        ctx.save_for_backward(x, stage, blend, alpha, p0, p1)
+        # Later calls update telemetry in place, so it stays off the saved-tensor version check.
+        ctx.telemetry = telemetry
+        ctx.static = (kind, act, *static)
+        ctx.mark_non_differentiable(rec_loss) if not (p0.requires_grad or p1.requires_grad) else None
+        return y, rec_loss
 
-
-def _backward(ctx, dy, drec):
-    x, stage, blend, alpha, p0, p1 = ctx.saved_tensors
-    if dy is None:
-        dy = torch.zeros_like(x)
-    if drec is None:
-        drec = torch.zeros((), dtype=torch.float32, device=x.device)
-    dx, dp0, dp1 = torch.ops.morpho_dist.seeded_bwd(
-        dy, drec.float(), x, stage, blend, alpha, p0, p1, ctx.telemetry, *ctx.static
-    )
-    return dx, None, None, None, dp0, dp1, None, None, None, None, None, None, None, None, None
-
-
-seeded_fwd.register_autograd(_backward, setup_context=_setup_context)
+    @staticmethod
+    def backward(ctx, dy, drec):
+        x, stage, blend, alpha, p0, p1 = ctx.saved_tensors
+        if dy is None:
+            dy = torch.zeros_like(x)
+        if drec is None:
+            drec = torch.zeros((), dtype=torch.float32, device=x.device)
+        dx, dp0, dp1 = torch.ops.morpho_dist.seeded_bwd(
+            dy, drec.float(), x, stage, blend, alpha, p0, p1, ctx.telemetry, *ctx.static
+        )
+        return dx, None, None, None, dp0, dp1, None, None, None, None, None
 
 
 def seeded_triton(x, stage, blend, alpha, p0, p1, telemetry, *, kind, act, dead_eps, opts: KernelOptions):
-    return torch.ops.morpho_dist.seeded_fwd(
-        x, stage, blend, alpha, p0, p1, telemetry, kind, act, float(dead_eps),
-        opts.block_rows, opts.block_cols, opts.num_warps, opts.deterministic, opts.dot_precision,
-    )
+    return _SeededFunction.apply(x, stage, blend, alpha, p0, p1, telemetry, kind, act, float(dead_eps), opts)

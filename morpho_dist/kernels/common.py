@@ -1,0 +1,70 @@
+"""Element-wise math shared by the seeded kernels: activations, blends and their derivatives.
+
+Stage and blend ids are the ones of morpho_dist.lifecycle.Stage and morpho_dist.grafting.Blend.
+"""
+
+import triton
+import triton.language as tl
+
+ACT_RELU = 0
+ACT_GELU_TANH = 1
+ACT_IDS = {"relu": ACT_RELU, "gelu_tanh": ACT_GELU_TANH}
+
+
+
+@triton.jit
+def _tanh(v):
+    # 1 - 2 / (exp(2v) + 1): saturates cleanly to +-1 (exp overflows to inf or underflows to 0).
+    return 1.0 - 2.0 / (tl.exp(2.0 * v) + 1.0)
+
+
+@triton.jit
+def _act(hp, ACT: tl.constexpr):
+    # gelu_tanh: 0.5 h (1 + tanh(sqrt(2/pi) (h + 0.044715 h^3)))
+    if ACT == 0:
+        return tl.maximum(hp, 0.0)
+    else:
+        t = _tanh((hp + 0.044715 * hp * hp * hp) * 0.7978845608028654)
+        return 0.5 * hp * (1.0 + t)
+
+
+@triton.jit
+def _act_grad(hp, ACT: tl.constexpr):
+    if ACT == 0:
+        return tl.where(hp > 0.0, 1.0, 0.0)
+    else:
+        t = _tanh((hp + 0.044715 * hp * hp * hp) * 0.7978845608028654)
+        return 0.5 * (1.0 + t) + 0.5 * hp * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * hp * hp)
+
+
+@triton.jit
+def _blend(x, u, a, bl):
+    """blend(x, u, alpha) for blend ids additive=0, multiplicative=1, linear=2 (bl broadcasts)."""
+    mul = x * (1.0 + a * _tanh(u))
+    return tl.where(bl == 0, x + a * u, tl.where(bl == 1, mul, (1.0 - a) * x + a * u))
+
+
+@triton.jit
+def _blend_full_delta(x, u, th, bl):
+    """blend(x, u, 1) - x, the benefit and TRAINING delta term (th = tanh(u))."""
+    return tl.where(bl == 0, u, tl.where(bl == 1, x * th, u - x))
+
+
+@triton.jit
+def _blend_grads(x, th, dy, a, bl):
+    """(d/dx, d/du) of sum(dy * blend(x, u, a)) holding the other fixed (th = tanh(u))."""
+    dx = tl.where(bl == 0, dy, tl.where(bl == 1, dy * (1.0 + a * th), dy * (1.0 - a)))
+    du = tl.where(bl == 1, dy * x * a * (1.0 - th * th), a * dy)
+    return dx, du
+
+
+@triton.jit
+def _put(ptr, value, mask, USE_ATOMICS: tl.constexpr, IS_MAX: tl.constexpr):
+    """Write a per-program partial result: atomically into a shared total, or plainly into its own slot."""
+    if USE_ATOMICS:
+        if IS_MAX:
+            tl.atomic_max(ptr, value, mask=mask)
+        else:
+            tl.atomic_add(ptr, value, mask=mask)
+    else:
+        tl.store(ptr, value, mask=mask)
