@@ -18,7 +18,8 @@ from morpho_dist.kernels.layout import F_ABSMAX, F_COUNT, NUM_FIELDS
 from morpho_dist.kernels.lowrank import launch_lowrank_backward, launch_lowrank_forward
 from morpho_dist.kernels.options import KernelOptions
 
-_MAX_TILE_ELEMS = 16384  # rows x features of one tile; keeps lowrank tiles with wide chunks in registers
+_MAX_TILE_ELEMS = 16384  # rows x features of one diagonal tile
+_MAX_LOWRANK_TILE_ELEMS = 4096  # rows x chunk of one lowrank tile: the backward's dots stay within shared memory
 
 
 @dataclass(frozen=True)
@@ -50,8 +51,8 @@ def plan_tiles(kind: str, rows: int, seeds: int, chunk: int, opts: KernelOptions
     seeds_per_prog = max(1, opts.block_cols // block_c)
     seeds_per_prog = min(seeds_per_prog, triton.next_power_of_2(seeds))
     block_t = opts.block_rows
-    tile_cols = block_c if kind == "lowrank" else block_c * seeds_per_prog
-    while block_t > 16 and block_t * tile_cols > _MAX_TILE_ELEMS:
+    tile_cols, cap = (block_c, _MAX_LOWRANK_TILE_ELEMS) if kind == "lowrank" else (block_c * seeds_per_prog, _MAX_TILE_ELEMS)
+    while block_t > 16 and block_t * tile_cols > cap:
         block_t //= 2
     groups = triton.cdiv(seeds, seeds_per_prog)
     tiles = triton.cdiv(rows, block_t)

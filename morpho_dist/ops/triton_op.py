@@ -11,10 +11,8 @@ from torch import Tensor
 
 from morpho_dist.grafting import Blend
 from morpho_dist.kernels import launch
-from morpho_dist.kernels.layout import F_ABSMAX, F_BENEFIT, F_DELTA_SQ, F_GRAD_SQ, MAX_FIELDS, TRAINING_ID
+from morpho_dist.kernels.layout import F_ABSMAX, F_BENEFIT, F_DELTA_SQ, F_GRAD_SQ, TRAINING_ID
 from morpho_dist.kernels.options import KernelOptions
-
-_FWD_SUM_FIELDS = [i for i in range(F_GRAD_SQ) if i not in MAX_FIELDS] + [F_DELTA_SQ]
 
 
 def _options(block_rows: int, block_cols: int, num_warps: int, deterministic: bool, dot_precision: str):
@@ -44,8 +42,10 @@ def seeded_fwd(
     opts = _options(block_rows, block_cols, num_warps, deterministic, dot_precision)
     y2, stats = launch.seeded_forward(x2, stage, blend, alpha, p0, p1, kind=kind, act=act, dead_eps=dead_eps, opts=opts)
     if telemetry is not None:
-        telemetry[:, _FWD_SUM_FIELDS] += stats[:, _FWD_SUM_FIELDS]
-        torch.maximum(telemetry[:, F_ABSMAX], stats[:, F_ABSMAX], out=telemetry[:, F_ABSMAX])
+        # stats holds zeros in the backward-only columns, so one add covers every sum field; absmax is a max.
+        absmax = torch.maximum(telemetry[:, F_ABSMAX], stats[:, F_ABSMAX])
+        telemetry.add_(stats)
+        telemetry[:, F_ABSMAX] = absmax
     # rec_loss = sum over linear TRAINING seeds of 0.5 * mean((u - x)^2); delta_sq of such a seed is sum((u - x)^2).
     reconstruct = (stage == TRAINING_ID) & (blend == Blend.LINEAR)
     elems = x2.shape[0] * (hidden // stage.numel())
@@ -86,7 +86,7 @@ def seeded_bwd(
         x2, dy2, drec, stage, blend, alpha, p0, p1, kind=kind, act=act, opts=opts
     )
     if telemetry is not None:
-        telemetry[:, [F_GRAD_SQ, F_BENEFIT]] += bstats
+        telemetry[:, F_GRAD_SQ : F_BENEFIT + 1] += bstats  # adjacent fields: a slice, no index tensor
     return dx2.view(x.shape), dp0, dp1
 
 

@@ -1,0 +1,128 @@
+"""Benchmark the fused seeded op against a plain copy of the same bytes and the PyTorch reference.
+
+    python scripts/bench_op.py --out results/bench_op.json [--quick]
+
+For every workload x {dormant, third} x {fp32, bf16} x {fwd, fwd+bwd}: the op's time (triton.testing.do_bench,
+median), GB/s of the minimal traffic (fwd: read x + write y; fwd+bwd: also read dy + write dx), the ratio to a
+device copy of the same number of bytes measured in the same run, and the speedup over the reference in eager
+mode and under torch.compile. Needs a CUDA device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+import triton
+
+from morpho_dist.grafting import Blend
+from morpho_dist.kernels.options import KernelOptions
+from morpho_dist.lifecycle import Stage
+from morpho_dist.ops import seeded, seeded_reference
+
+# name: (rows T, seeds N, chunk C, kind, rank)
+WORKLOADS = {
+    "seed-1000": (32, 1000, 64, "lowrank", 16),
+    "wide": (8192, 256, 16, "lowrank", 16),
+    "coarse": (8192, 16, 256, "lowrank", 16),
+    "big": (16384, 512, 16, "lowrank", 16),
+    "per-node": (1024, 4096, 1, "diagonal", 0),
+    "llm": (8192, 256, 16, "lowrank", 16),  # hidden 4096
+}
+BLENDED_CYCLE = (Stage.GRAFTING, Stage.STABILIZATION, Stage.FINE_TUNING, Stage.FOSSILIZED, Stage.EVALUATING)
+
+
+def make_inputs(t, n, c, kind, rank, mix, dtype, device, requires_grad):
+    g = torch.Generator().manual_seed(0)
+    h = n * c
+    x = torch.randn(t, h, generator=g).to(device=device, dtype=dtype)
+    stage = torch.zeros(n, dtype=torch.int8)
+    blend = torch.zeros(n, dtype=torch.int8)
+    if mix == "third":  # every third seed blended, with mixed blends and stages
+        idx = torch.arange(0, n, 3)
+        stage[idx] = torch.tensor([BLENDED_CYCLE[i % len(BLENDED_CYCLE)] for i in range(len(idx))], dtype=torch.int8)
+        blend[idx] = torch.tensor([i % len(Blend) for i in range(len(idx))], dtype=torch.int8)
+    alpha = torch.rand(n, generator=g)
+    if kind == "lowrank":
+        p0, p1 = torch.randn(n, c, rank, generator=g) / c**0.5, torch.randn(n, rank, c, generator=g) * 0.1
+    else:
+        p0, p1 = 1 + 0.1 * torch.randn(n, c, generator=g), 0.1 * torch.randn(n, c, generator=g)
+    p0, p1 = (p.to(device).requires_grad_(requires_grad) for p in (p0, p1))
+    tel = torch.zeros(n, 8, device=device)
+    return x.requires_grad_(requires_grad), stage.to(device), blend.to(device), alpha.to(device), p0, p1, tel
+
+
+def bench(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3  # us
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="bench_op.json")
+    ap.add_argument("--quick", action="store_true", help="fp32 only, no torch.compile peer")
+    ap.add_argument("--workloads", default=",".join(WORKLOADS))
+    ap.add_argument("--block-rows", type=int, default=KernelOptions.block_rows)
+    ap.add_argument("--block-cols", type=int, default=KernelOptions.block_cols)
+    ap.add_argument("--num-warps", type=int, default=KernelOptions.num_warps)
+    ap.add_argument("--dot-precision", default="tf32")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_op.py needs a CUDA device")
+    dev = torch.device("cuda")
+    opts = KernelOptions(args.block_rows, args.block_cols, args.num_warps, False, args.dot_precision)
+    ref_compiled = torch.compile(seeded_reference, dynamic=False)
+    rows = []
+    dtypes = [torch.float32] if args.quick else [torch.float32, torch.bfloat16]
+    for name in args.workloads.split(","):
+        t, n, c, kind, rank = WORKLOADS[name]
+        for mix in ("dormant", "third"):
+            for dtype in dtypes:
+                for mode in ("fwd", "fwd+bwd"):
+                    grad = mode == "fwd+bwd"
+                    x, stage, blend, alpha, p0, p1, tel = make_inputs(t, n, c, kind, rank, mix, dtype, dev, grad)
+                    dy = torch.randn_like(x)
+                    nbytes = x.numel() * x.element_size() * (4 if grad else 2)
+                    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=dev)
+                    dst = torch.empty_like(src)
+
+                    def call(impl, **kw):
+                        def run():
+                            y, _ = impl(x, stage, blend, alpha, p0, p1, tel, kind=kind, **kw)
+                            if grad:
+                                y.backward(dy)
+                        return run
+
+                    ours = call(seeded, backend="triton", options=opts, check_ids=False)
+                    t_ours = bench(ours)
+                    t_copy = bench(lambda: dst.copy_(src))
+                    t_eager = bench(call(seeded_reference, check_ids=False))
+                    t_comp = float("nan")
+                    if not args.quick:
+                        try:
+                            t_comp = bench(call(ref_compiled, check_ids=False))
+                        except Exception as e:  # noqa: BLE001  a peer that fails to compile is reported, not fatal
+                            print(f"torch.compile failed on {name}: {type(e).__name__}: {e}"[:300], file=sys.stderr)
+                    row = {
+                        "workload": name, "T": t, "N": n, "C": c, "kind": kind, "mix": mix,
+                        "dtype": str(dtype).replace("torch.", ""), "mode": mode, "us": t_ours,
+                        "GBps": nbytes / t_ours / 1e3, "copy_GBps": nbytes / t_copy / 1e3,
+                        "frac_of_copy": t_copy / t_ours, "speedup_eager": t_eager / t_ours,
+                        "speedup_compile": t_comp / t_ours,
+                    }
+                    rows.append(row)
+                    print(
+                        f"{name:10s} {mix:8s} {row['dtype']:9s} {mode:8s} {t_ours:9.1f} us {row['GBps']:8.0f} GB/s "
+                        f"copy {row['copy_GBps']:6.0f} GB/s  {100 * row['frac_of_copy']:5.1f}% of copy  "
+                        f"x{row['speedup_eager']:6.1f} eager  x{row['speedup_compile']:6.2f} compile",
+                        flush=True,
+                    )
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "options": opts.__dict__}
+    with open(args.out, "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
