@@ -11,7 +11,7 @@ from morpho_dist.blueprints import BlueprintBank, check_act, check_kind
 from morpho_dist.grafting import NUM_BLENDS, blend_id
 from morpho_dist.kernels.layout import NUM_FIELDS
 from morpho_dist.kernels.options import KernelOptions
-from morpho_dist.lifecycle import STATE_FIELDS, SeedState, Stage, check_transition
+from morpho_dist.lifecycle import STATE_FIELDS, IllegalTransition, SeedState, Stage, check_transition
 from morpho_dist.ops import check_backend, seeded
 
 
@@ -39,6 +39,7 @@ class SeededLayer(nn.Module):
         layer_key: str = "layer",
         base_seed: int = 0,
         seed_offset: int = 0,
+        num_global_seeds: int | None = None,
     ) -> None:
         super().__init__()
         check_kind(kind)
@@ -50,6 +51,13 @@ class SeededLayer(nn.Module):
         self.kind, self.act, self.dead_eps, self.backend = kind, act, dead_eps, backend
         self.kernel = kernel or KernelOptions()
         self.layer_key, self.seed_offset = layer_key, seed_offset
+        # The layer's whole seed population across ranks (equal to num_seeds unless seeds are sharded).
+        self.num_global_seeds = num_seeds + seed_offset if num_global_seeds is None else num_global_seeds
+        if not 0 <= seed_offset <= self.num_global_seeds - num_seeds:
+            raise ValueError(
+                f"seed_offset={seed_offset} with num_seeds={num_seeds} does not fit num_global_seeds="
+                f"{self.num_global_seeds}"
+            )
         self.default_blend = blend_id(blend)
         self.bank = BlueprintBank(
             kind, num_seeds, self.chunk, rank, layer_key=layer_key, base_seed=base_seed, seed_offset=seed_offset
@@ -108,9 +116,7 @@ class SeededLayer(nn.Module):
         self._enter(i, Stage.GERMINATED)
 
     @torch.no_grad()
-    def apply_stage_changes(
-        self, changes: Iterable[tuple[int, int]], step: int, command: str = "advance"
-    ) -> None:
+    def apply_stage_changes(self, changes: Iterable[tuple[int, int]], step: int, command: str = "advance") -> None:
         """Apply a batch of (local index, new stage) moves: all are checked first, so a refused batch changes
         nothing. Re-entering DORMANT from CULLED needs the seed's embargo to have passed."""
         changes = [(self._check_index(i), Stage(s)) for i, s in changes]
@@ -119,12 +125,12 @@ class SeededLayer(nn.Module):
         for i, dst in changes:
             check_transition(self.seed_offset + i, current[i], dst, command)
             if current[i] == Stage.CULLED and dst == Stage.DORMANT and step < embargo[i]:
-                raise ValueError(
+                raise IllegalTransition(
                     f"seed {self.seed_offset + i}: command {command!r} refused: CULLED seed is embargoed "
                     f"until step {embargo[i]} (now {step})"
                 )
             if dst == Stage.GERMINATED:
-                raise ValueError(f"seed {self.seed_offset + i}: use germinate() to enter GERMINATED")
+                raise IllegalTransition(f"seed {self.seed_offset + i}: use germinate() to enter GERMINATED")
         for i, dst in changes:
             self._enter(i, dst)
 

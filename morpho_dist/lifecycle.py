@@ -28,13 +28,9 @@ class Stage(enum.IntEnum):
 NUM_STAGES = len(Stage)
 
 # The op passes x through untouched for these stages.
-IDLE_STAGES = frozenset(
-    {Stage.DORMANT, Stage.GERMINATED, Stage.CULLED, Stage.CANCELLED, Stage.ROLLED_BACK}
-)
+IDLE_STAGES = frozenset({Stage.DORMANT, Stage.GERMINATED, Stage.CULLED, Stage.CANCELLED, Stage.ROLLED_BACK})
 # The op blends the blueprint output into y for these stages.
-BLENDED_STAGES = frozenset(
-    {Stage.GRAFTING, Stage.STABILIZATION, Stage.EVALUATING, Stage.FINE_TUNING, Stage.FOSSILIZED}
-)
+BLENDED_STAGES = frozenset({Stage.GRAFTING, Stage.STABILIZATION, Stage.EVALUATING, Stage.FINE_TUNING, Stage.FOSSILIZED})
 # Blueprint parameters receive gradients in these stages (TRAINING through the incubator or reconstruction).
 TRAINABLE_STAGES = frozenset({Stage.TRAINING, Stage.GRAFTING, Stage.FINE_TUNING})
 # Seeds that occupy the active-seed budget.

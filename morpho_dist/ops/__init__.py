@@ -1,6 +1,6 @@
 """The seeded op: one functional entry point, two backends (fused Triton, PyTorch reference).
 
-    y, rec_loss = morpho_dist.ops.seeded(x, stage, blend, alpha, p0, p1, telemetry, kind="lowrank")
+y, rec_loss = morpho_dist.ops.seeded(x, stage, blend, alpha, p0, p1, telemetry, kind="lowrank")
 """
 
 from __future__ import annotations
@@ -69,6 +69,15 @@ def seeded(
     from morpho_dist.ops.triton_op import seeded_triton  # Triton is only imported when it is used
 
     return seeded_triton(
-        x, stage, blend, alpha, p0, p1, telemetry, kind=kind, act=act, dead_eps=dead_eps,
+        x,
+        stage,
+        blend,
+        alpha,
+        p0,
+        p1,
+        telemetry,
+        kind=kind,
+        act=act,
+        dead_eps=dead_eps,
         opts=options or KernelOptions(),
     )

@@ -91,8 +91,18 @@ def seeded_reference(
     """Reference seeded op: returns (y, rec_loss) and updates ``telemetry`` in place (forward fields now,
     grad_sq and benefit when y's gradient arrives)."""
     shp = check_seeded_args(
-        x, stage, blend, alpha, p0, p1, telemetry, kind=kind, act=act, dead_eps=dead_eps,
-        allow_float64=True, check_ids=check_ids,
+        x,
+        stage,
+        blend,
+        alpha,
+        p0,
+        p1,
+        telemetry,
+        kind=kind,
+        act=act,
+        dead_eps=dead_eps,
+        allow_float64=True,
+        check_ids=check_ids,
     )
     t, h, n, c = shp.rows, shp.hidden, shp.seeds, shp.chunk
     cdt = torch.float64 if torch.float64 in (x.dtype, p0.dtype) else torch.float32

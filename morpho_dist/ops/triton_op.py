@@ -54,8 +54,23 @@ def seeded_fwd(
 
 
 @seeded_fwd.register_fake
-def _(x, stage, blend, alpha, p0, p1, telemetry, kind, act, dead_eps, block_rows, block_cols, num_warps,
-      deterministic, dot_precision):
+def _(
+    x,
+    stage,
+    blend,
+    alpha,
+    p0,
+    p1,
+    telemetry,
+    kind,
+    act,
+    dead_eps,
+    block_rows,
+    block_cols,
+    num_warps,
+    deterministic,
+    dot_precision,
+):
     return torch.empty_like(x), x.new_empty((), dtype=torch.float32)
 
 
@@ -91,8 +106,24 @@ def seeded_bwd(
 
 
 @seeded_bwd.register_fake
-def _(dy, drec, x, stage, blend, alpha, p0, p1, telemetry, kind, act, block_rows, block_cols, num_warps,
-      deterministic, dot_precision):
+def _(
+    dy,
+    drec,
+    x,
+    stage,
+    blend,
+    alpha,
+    p0,
+    p1,
+    telemetry,
+    kind,
+    act,
+    block_rows,
+    block_cols,
+    num_warps,
+    deterministic,
+    dot_precision,
+):
     return torch.empty_like(x), torch.empty_like(p0), torch.empty_like(p1)
 
 

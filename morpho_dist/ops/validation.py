@@ -104,9 +104,7 @@ def check_seeded_args(
                 raise ValueError(f"{name} must have shape [N, C] = [{n}, {chunk}], got {tuple(t.shape)}")
     param_dtypes = ACTIVATION_DTYPES + ((torch.float64,) if allow_float64 else ())
     if p0.dtype not in param_dtypes or p1.dtype != p0.dtype:
-        raise ValueError(
-            f"p0 and p1 must share one dtype out of {_names(param_dtypes)}, got {p0.dtype} and {p1.dtype}"
-        )
+        raise ValueError(f"p0 and p1 must share one dtype out of {_names(param_dtypes)}, got {p0.dtype} and {p1.dtype}")
     if telemetry is not None:
         _check_tensor("telemetry", telemetry, ndim=2)
         if tuple(telemetry.shape) != (n, NUM_FIELDS) or telemetry.dtype != torch.float32:

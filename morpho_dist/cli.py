@@ -1,0 +1,119 @@
+"""Command line: ``python -m morpho_dist.train [overrides]`` or ``torchrun ... -m morpho_dist.train``.
+
+``main()`` composes the config once itself (same tree, same overrides) so that a bad key, a bad group option
+or a bad value ends the process with exit code 2 and ONE line naming the key, no traceback. Under torchrun,
+rank 0 picks the run dir and hands it to every rank (MORPHO_RUN_DIR, read by conf/config.yaml), and the other
+ranks turn off Hydra's output files and logging, so only rank 0 writes them. Then the Hydra app runs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from morpho_dist.config import ConfigError, register_configs, validate
+
+CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
+RUN_DIR_ENV = "MORPHO_RUN_DIR"
+EXIT_CONFIG = 2
+
+register_configs()
+
+
+def one_line(err: BaseException) -> str:
+    """A one-line description of a composition or validation error that names the key or group."""
+    text = str(err)
+    missing = re.search(r"Could not find '([^']+)'", text)
+    if missing:
+        group, _, option = missing.group(1).rpartition("/")
+        options = re.findall(r"^\t(\S+)$", text, flags=re.M)
+        if group:
+            return f"{group}={option}: no such option in group '{group}'; available options: {options}"
+        return f"config {option!r} not found"
+    cause = err.__cause__
+    key = re.search(r"full_key: (\S+)", str(cause)) if cause is not None else None
+    first = (str(cause) if cause is not None else text).strip().splitlines()[0]
+    if key:
+        if "not in" in first:
+            return f"{key.group(1)}: unknown key ({first})"
+        return f"{key.group(1)}: {first}"
+    return " ".join(text.split())
+
+
+def _precheck(overrides: list[str]) -> DictConfig:
+    """Compose and validate like the Hydra app will; exits with one line on any config error."""
+    from hydra import compose, initialize_config_dir
+
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3", job_name="precheck"):
+            cfg = compose("config", overrides=overrides)
+        validate(cfg)
+        return cfg
+    except ConfigError as err:
+        _die(str(err))
+    except Exception as err:  # Hydra/OmegaConf composition errors
+        _die(one_line(err))
+    raise AssertionError("unreachable")
+
+
+def _die(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(EXIT_CONFIG)
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")  # <repo>/conf, absolute: works under -m
+def hydra_app(cfg: DictConfig) -> None:
+    from hydra.core.hydra_config import HydraConfig
+
+    from morpho_dist.distributed import read_env
+    from morpho_dist.train import run
+
+    if not cfg.run_dir:
+        cfg.run_dir = HydraConfig.get().runtime.output_dir
+    try:
+        summary = run(cfg)
+    except (ConfigError, FileNotFoundError, NotImplementedError) as err:
+        _die(str(err))
+    if read_env().is_main:
+        print(
+            f"val_acc={summary['val_acc']:.4f} val_loss={summary['val_loss']:.4f} "
+            f"stages={ {k: v for k, v in summary['stage_counts'].items() if v} } run_dir={summary['run_dir']}"
+        )
+
+
+def main() -> None:
+    args = sys.argv[1:]
+    flags = [a for a in args if a.startswith("-")]
+    overrides = [a for a in args if not a.startswith("-")]
+    if any(
+        f in ("--help", "-h", "--hydra-help", "--info", "-i", "--multirun", "-m", "--shell-completion", "-sc")
+        for f in flags
+    ) or any(f.startswith(("--cfg", "-c", "--info")) for f in flags):
+        hydra_app()
+        return
+    cfg = _precheck(overrides)
+
+    from morpho_dist import distributed
+
+    env = distributed.read_env()
+    created = False
+    if env.distributed:
+        device = distributed.pick_device(env, cfg.train.device)
+        created = distributed.init_process_group(env, device)
+        if RUN_DIR_ENV not in os.environ and not any(o.startswith("hydra.run.dir=") for o in overrides):
+            os.environ[RUN_DIR_ENV] = distributed.shared_run_dir(env)
+        if not env.is_main:
+            sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
+    try:
+        hydra_app()
+    finally:
+        if created:
+            distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

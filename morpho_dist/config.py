@@ -1,0 +1,320 @@
+"""Config schemas (registered in Hydra's ConfigStore) and value validation.
+
+Every group of conf/ starts its defaults list with its schema from here (``- mlp_schema``), so a typo in a key
+or a value of the wrong type fails at compose time naming the key. ``validate(cfg)`` checks what types cannot
+(positive counts, powers of two, known choices, seeds dividing the seeded widths) and raises ``ConfigError``
+with a one-line message naming the key; the CLI prints it and exits non-zero.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from morpho_dist.grafting import BLEND_NAMES, SCHEDULES, ScheduleConfig
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message is one line and names the key."""
+
+
+# ---- groups ----------------------------------------------------------------------------------------------------
+@dataclass
+class MLPConfig:
+    """A linear embedding (the seeded point) followed by a narrow ReLU core: capacity is deliberately short."""
+
+    name: str = "mlp"
+    embed: int = 32  # width of the linear input embedding (0: none)
+    hidden: list[int] = field(default_factory=lambda: [4])
+    act: str = "relu"
+    seed_targets: Any = field(default_factory=lambda: ["embed"])
+
+
+@dataclass
+class CNNConfig:
+    name: str = "cnn"
+    channels: list[int] = field(default_factory=lambda: [32, 32])
+    hidden: int = 32
+    seed_targets: Any = field(default_factory=lambda: ["convs.0", "convs.1"])
+
+
+@dataclass
+class TransformerConfig:
+    name: str = "transformer"
+    d_model: int = 32
+    heads: int = 2
+    layers: int = 2
+    mlp_hidden: int = 64
+    token_dim: int = 8  # flat inputs are cut into tokens of this size; images into rows
+    seed_targets: Any = field(default_factory=lambda: ["mlp.fc1"])
+
+
+@dataclass
+class DigitsConfig:
+    name: str = "digits"
+    val_fraction: float = 0.2
+
+
+@dataclass
+class SyntheticConfig:
+    name: str = "synthetic"
+    samples: int = 4096
+    features: int = 64
+    classes: int = 10
+    noise: float = 0.1
+    val_fraction: float = 0.2
+
+
+@dataclass
+class Cifar10Config:
+    name: str = "cifar10"
+    root: str = "data/cifar-10-batches-py"
+    val_fraction: float = 0.0  # 0: the standard test_batch is the validation set
+
+
+@dataclass
+class SeedsConfig:
+    enabled: bool = True  # false: a static host (no seeds, no controller)
+    targets: Any = "${model.seed_targets}"  # list: exact or '.'-suffix names; str: regex over module names
+    exclude: list[str] = field(default_factory=list)
+    per_layer: int = 2
+    kind: str = "lowrank"
+    rank: int = 32
+    act: str = "relu"
+    blend: str = "${grafting.blend}"
+    dead_eps: float = 1e-6
+
+
+@dataclass
+class GraftingConfig:
+    name: str = "additive"
+    blend: str = "additive"
+
+
+@dataclass
+class ShardingConfig:
+    mode: str = "data"
+    find_unused_parameters: bool = False
+
+
+@dataclass
+class KernelConfig:
+    backend: str = "auto"
+    deterministic: bool = False
+    block_rows: int = 64
+    block_cols: int = 128
+    num_warps: int = 4
+    dot_precision: str = "ieee"
+
+
+@dataclass
+class WandbLoggerConfig:
+    name: str = "wandb"
+    project: str = "morpho_dist"
+    entity: str | None = None
+    mode: str = "offline"
+    tags: list[str] = field(default_factory=list)
+    histograms: bool = True
+
+
+@dataclass
+class JsonlLoggerConfig:
+    name: str = "jsonl"
+
+
+@dataclass
+class NoneLoggerConfig:
+    name: str = "none"
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adamw"
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    momentum: float = 0.9  # sgd
+    seed_lr_scale: float = 1.0  # lr of the blueprint banks relative to train.lr
+
+
+# ---- top level -------------------------------------------------------------------------------------------------
+@dataclass
+class TrainConfig:
+    steps: int = 1200
+    batch_size: int = 64  # global batch: each of W ranks takes batch_size / W rows
+    lr: float = 3e-3
+    eval_batch: int = 0  # val rows for counterfactual evaluations (same on every rank); 0: the whole val set
+    log_every: int = 25
+    progress: bool = True
+    device: str = "auto"  # auto | cpu | cuda
+    rec_weight: float = 1.0  # weight of the linear-blend reconstruction loss
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0  # save every N steps (0: only when the run ends)
+    resume: str | None = None  # a checkpoint path, a run dir, or "auto" (the run dir's latest checkpoint)
+    save_final: bool = True
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    run_dir: str | None = None  # set by the CLI from Hydra's run dir; in-process callers may set it
+    model: Any = MISSING
+    data: Any = MISSING
+    seeds: SeedsConfig = field(default_factory=SeedsConfig)
+    grafting: GraftingConfig = field(default_factory=GraftingConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    controller: Any = MISSING
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    kernel: KernelConfig = field(default_factory=KernelConfig)
+    logger: Any = MISSING
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+SCHEMAS: dict[str, Any] = {
+    "model/mlp": MLPConfig,
+    "model/cnn": CNNConfig,
+    "model/transformer": TransformerConfig,
+    "data/digits": DigitsConfig,
+    "data/synthetic": SyntheticConfig,
+    "data/cifar10": Cifar10Config,
+    "seeds/seeds": SeedsConfig,
+    "grafting/grafting": GraftingConfig,
+    "schedule/schedule": ScheduleConfig,
+    "sharding/sharding": ShardingConfig,
+    "kernel/kernel": KernelConfig,
+    "logger/wandb": WandbLoggerConfig,
+    "logger/jsonl": JsonlLoggerConfig,
+    "logger/none": NoneLoggerConfig,
+    "optim/optim": OptimConfig,
+}
+
+
+def register_configs() -> None:
+    """Store every schema in Hydra's ConfigStore (idempotent): the root as ``base_config``, the groups' schemas
+    under ``schema/<group>`` (kept out of the groups themselves so that Hydra's list of options stays clean);
+    each option yaml of conf/ names its schema first in its defaults list."""
+    from morpho_dist.controller import ControllerConfig
+
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=Config)
+    for path, node in {**SCHEMAS, "controller/controller": ControllerConfig}.items():
+        group, name = path.split("/")
+        cs.store(group=f"schema/{group}", name=name, node=node)
+
+
+# ---- value validation ------------------------------------------------------------------------------------------
+CHOICES = {
+    "model.name": ("mlp", "cnn", "transformer"),
+    "data.name": ("digits", "synthetic", "cifar10"),
+    "seeds.kind": ("lowrank", "diagonal"),
+    "seeds.act": ("relu", "gelu_tanh"),
+    "seeds.blend": BLEND_NAMES,
+    "grafting.blend": BLEND_NAMES,
+    "schedule.name": SCHEDULES,
+    "schedule.shape": ("linear", "cosine"),
+    "sharding.mode": ("data",),
+    "kernel.backend": ("auto", "triton", "reference"),
+    "kernel.dot_precision": ("ieee", "tf32"),
+    "logger.name": ("wandb", "jsonl", "none"),
+    "optim.name": ("adamw", "adam", "sgd"),
+    "train.device": ("auto", "cpu", "cuda"),
+}
+POSITIVE = ("train.steps", "train.batch_size", "train.lr", "seeds.per_layer", "seeds.rank", "controller.interval")
+NON_NEGATIVE = ("train.eval_batch", "train.log_every", "checkpoint.every", "optim.weight_decay")
+POW2 = ("kernel.block_rows", "kernel.block_cols", "kernel.num_warps")
+
+
+def _get(cfg: Any, key: str) -> Any:
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _is_pow2(v: Any) -> bool:
+    return isinstance(v, int) and v > 0 and v & (v - 1) == 0
+
+
+def check_known_keys(cfg: Any, prefix: str = "") -> None:
+    """Keys added with ``+key=value`` that no schema declares are refused too."""
+    schema = OmegaConf.get_type(cfg)
+    if dataclasses.is_dataclass(schema):
+        known = {f.name for f in dataclasses.fields(schema)}
+        for key in cfg:
+            if key not in known:
+                raise ConfigError(f"{prefix}{key} is not a known key; allowed keys here: {sorted(known)}")
+    for key in cfg:
+        node = cfg._get_node(key)
+        if isinstance(node, DictConfig) and not node._is_missing() and not node._is_none():
+            check_known_keys(node, f"{prefix}{key}.")
+
+
+def validate(cfg: Any) -> None:
+    """Check the values of a composed config; ConfigError (one line, naming the key) on the first bad one."""
+    check_known_keys(cfg)
+    for key, allowed in CHOICES.items():
+        value = _get(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not allowed; allowed values: {list(allowed)}")
+    for key in POSITIVE:
+        value = _get(cfg, key)
+        if not value > 0:
+            raise ConfigError(f"{key}={value!r} must be > 0")
+    for key in NON_NEGATIVE:
+        value = _get(cfg, key)
+        if value < 0:
+            raise ConfigError(f"{key}={value!r} must be >= 0")
+    for key in POW2:
+        value = _get(cfg, key)
+        if not _is_pow2(value):
+            raise ConfigError(f"{key}={value!r} must be a power of two")
+    if cfg.kernel.block_rows < 16:
+        raise ConfigError(f"kernel.block_rows={cfg.kernel.block_rows} must be >= 16 (tl.dot tiles)")
+    if cfg.kernel.num_warps > 32:
+        raise ConfigError(f"kernel.num_warps={cfg.kernel.num_warps} must be at most 32")
+    if cfg.schedule.ramp_steps < 1:
+        raise ConfigError(f"schedule.ramp_steps={cfg.schedule.ramp_steps} must be >= 1")
+    if cfg.model.name == "cnn" and cfg.data.name == "synthetic":
+        raise ConfigError("model=cnn needs image data; data.name='synthetic' is flat (use data=digits or cifar10)")
+    if cfg.seeds.enabled:
+        validate_seeded_widths(cfg)
+
+
+def validate_seeded_widths(cfg: Any) -> None:
+    """seeds.per_layer must divide the width of every seeded layer (and leave C >= 16 for lowrank)."""
+    from morpho_dist.blueprints import LOWRANK_MIN_CHUNK
+    from morpho_dist.data import input_spec
+    from morpho_dist.models import build_model
+    from morpho_dist.wrap import find_targets
+
+    shape, classes = input_spec(cfg.data)
+    model = build_model(cfg.model, shape, classes)
+    targets = cfg.seeds.targets
+    if not isinstance(targets, str):
+        targets = list(targets)
+    try:
+        names = find_targets(model, targets, list(cfg.seeds.exclude))
+    except ValueError as err:
+        raise ConfigError(
+            f"seeds.targets={targets!r} matches no seedable module of model={cfg.model.name}; "
+            f"{str(err).split('; ')[-1]}"
+        ) from None
+    n = cfg.seeds.per_layer
+    for name in names:
+        module = model.get_submodule(name)
+        width = getattr(module, "out_features", None) or module.out_channels
+        if width % n:
+            raise ConfigError(f"seeds.per_layer={n} does not divide the width {width} of seeded layer {name!r}")
+        if cfg.seeds.kind == "lowrank" and width // n < LOWRANK_MIN_CHUNK:
+            raise ConfigError(
+                f"seeds.per_layer={n} leaves chunks of {width // n} < {LOWRANK_MIN_CHUNK} features on layer "
+                f"{name!r}, too small for seeds.kind='lowrank' (use fewer seeds or seeds.kind=diagonal)"
+            )

@@ -1,0 +1,139 @@
+"""Host models. Their module names are what ``seeds.targets`` point at (defaults: ``model.seed_targets``).
+
+- ``mlp``: optional linear embedding ``embed`` (the default seeded point), then ReLU layers ``fc1, fc2, ...``,
+  then ``head``. The default is deliberately narrow (64 -> 32 -> 4 -> 10): capacity is short.
+- ``cnn``: ``convs.0, convs.1, ...`` (3x3 conv, ReLU, 2x2 max-pool), then ``fc`` and ``head``.
+- ``transformer``: a small pre-norm encoder over tokens (image rows, or ``token_dim`` slices of a flat input);
+  seeds on ``blocks.<i>.mlp.fc1``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from morpho_dist.config import ConfigError
+
+ACTS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
+
+
+class MLP(nn.Module):
+    def __init__(self, in_features: int, classes: int, embed: int, hidden: list[int], act: str = "relu") -> None:
+        super().__init__()
+        if act not in ACTS:
+            raise ConfigError(f"model.act={act!r} is not known; allowed values: {list(ACTS)}")
+        width = in_features
+        self.embed = nn.Linear(width, embed) if embed > 0 else None
+        width = embed if embed > 0 else width
+        self.depth = len(hidden)
+        for i, h in enumerate(hidden, start=1):
+            setattr(self, f"fc{i}", nn.Linear(width, h))
+            width = h
+        self.act = ACTS[act]()
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.flatten(1)
+        if self.embed is not None:
+            h = self.embed(h)
+        for i in range(1, self.depth + 1):
+            h = self.act(getattr(self, f"fc{i}")(h))
+        return self.head(h)
+
+
+class CNN(nn.Module):
+    def __init__(self, in_shape: tuple[int, ...], classes: int, channels: list[int], hidden: int) -> None:
+        super().__init__()
+        if len(in_shape) != 3:
+            raise ConfigError(f"model=cnn needs image inputs [C, H, W]; this data has shape {list(in_shape)}")
+        c, h, w = in_shape
+        convs = []
+        for ch in channels:
+            convs.append(nn.Conv2d(c, ch, kernel_size=3, padding=1))
+            c = ch
+        self.convs = nn.ModuleList(convs)
+        self.pool_to = 2 if min(h, w) >= 2 else 1
+        self.fc = nn.Linear(c * self.pool_to**2, hidden)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for conv in self.convs:
+            x = F.relu(conv(x))
+            if min(x.shape[-2:]) >= 4:
+                x = F.max_pool2d(x, 2)
+        x = F.adaptive_avg_pool2d(x, self.pool_to).flatten(1)
+        return self.head(F.relu(self.fc(x)))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d_model: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(d_model, hidden)
+        self.fc2 = nn.Linear(hidden, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, d_model: int, heads: int, mlp_hidden: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(d_model)
+        self.attn = nn.MultiheadAttention(d_model, heads, batch_first=True)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.mlp = FeedForward(d_model, mlp_hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, in_shape: tuple[int, ...], classes: int, cfg: Any) -> None:
+        super().__init__()
+        if len(in_shape) == 3:  # image: one token per row
+            c, h, w = in_shape
+            self.tokens, self.token_dim = h, c * w
+        else:
+            flat = math.prod(in_shape)
+            if flat % cfg.token_dim:
+                raise ConfigError(f"model.token_dim={cfg.token_dim} must divide the input size {flat}")
+            self.tokens, self.token_dim = flat // cfg.token_dim, int(cfg.token_dim)
+        if cfg.d_model % cfg.heads:
+            raise ConfigError(f"model.heads={cfg.heads} must divide model.d_model={cfg.d_model}")
+        self.embed = nn.Linear(self.token_dim, cfg.d_model)
+        self.pos = nn.Parameter(torch.randn(1, self.tokens, cfg.d_model) * 0.02)
+        self.blocks = nn.ModuleList(Block(cfg.d_model, cfg.heads, cfg.mlp_hidden) for _ in range(cfg.layers))
+        self.norm = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:  # [B, C, H, W] -> [B, H, C*W]
+            x = x.permute(0, 2, 1, 3).flatten(2)
+        else:
+            x = x.reshape(x.shape[0], self.tokens, self.token_dim)
+        h = self.embed(x) + self.pos
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.norm(h).mean(1))
+
+
+def build_model(model_cfg: Any, input_shape: tuple[int, ...], classes: int) -> nn.Module:
+    """The host named by ``model_cfg.name`` for inputs of ``input_shape`` (parameters drawn from torch's RNG)."""
+    name = model_cfg.name
+    if name == "mlp":
+        return MLP(math.prod(input_shape), classes, int(model_cfg.embed), list(model_cfg.hidden), model_cfg.act)
+    if name == "cnn":
+        return CNN(tuple(input_shape), classes, list(model_cfg.channels), int(model_cfg.hidden))
+    if name == "transformer":
+        return Transformer(tuple(input_shape), classes, model_cfg)
+    raise ConfigError(f"model.name={name!r} is not known; allowed values: ['mlp', 'cnn', 'transformer']")
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,163 @@
+"""Optimizers: a torch optimizer for the host, and a per-seed optimizer for the blueprint banks.
+
+A bank is one tensor per layer holding every seed's parameters, but seeds live separate lives: a seed must not
+move while it is frozen (STABILIZATION, EVALUATING, FOSSILIZED) or idle, and a freshly germinated seed starts
+with fresh optimizer state. ``SeedOptimizer`` keeps Adam (or SGD momentum) state per bank with one step
+counter per seed, updates only the seeds in TRAINING / GRAFTING / FINE_TUNING (a mask read from the stage
+buffer on the device: no host sync) and ``reset_seed`` clears one seed's slice on every lifecycle move.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from morpho_dist.layer import SeededLayer
+from morpho_dist.lifecycle import TRAINABLE_STAGES
+
+TRAINABLE_IDS = sorted(int(s) for s in TRAINABLE_STAGES)
+
+
+class SeedOptimizer:
+    """Adam (bias correction per seed) or SGD with momentum over the banks of ``layers``; no weight decay."""
+
+    def __init__(
+        self,
+        layers: Mapping[str, SeededLayer],
+        *,
+        name: str,
+        lr: float,
+        betas=(0.9, 0.999),
+        momentum: float = 0.9,
+        eps: float = 1e-8,
+    ) -> None:
+        self.layers, self.name, self.lr, self.eps = dict(layers), name, float(lr), eps
+        self.beta1, self.beta2 = float(betas[0]), float(betas[1])
+        self.momentum = float(momentum)
+        self.state: dict[str, dict[str, torch.Tensor]] = {}
+        self._ids: dict[str, torch.Tensor] = {}
+        for key, layer in self.layers.items():
+            n = layer.num_seeds
+            dev = layer.stage.device
+            self._ids[key] = torch.tensor(TRAINABLE_IDS, device=dev)
+            st = {"t": torch.zeros(n, dtype=torch.float32, device=dev)}
+            for pname in ("p0", "p1"):
+                p = getattr(layer.bank, pname)
+                st[f"m_{pname}"] = torch.zeros_like(p)
+                if name != "sgd":
+                    st[f"v_{pname}"] = torch.zeros_like(p)
+            self.state[key] = st
+
+    def params(self) -> list[nn.Parameter]:
+        return [p for layer in self.layers.values() for p in (layer.bank.p0, layer.bank.p1)]
+
+    def zero_grad(self) -> None:
+        for p in self.params():
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for key, layer in self.layers.items():
+            st = self.state[key]
+            mask = torch.isin(layer.stage.long(), self._ids[key])
+            st["t"].add_(mask.float())
+            t = st["t"].clamp_min(1.0)
+            for pname in ("p0", "p1"):
+                p = getattr(layer.bank, pname)
+                if p.grad is None:
+                    continue
+                shape = (-1,) + (1,) * (p.dim() - 1)
+                m_ = mask.view(shape)
+                g = p.grad
+                m = st[f"m_{pname}"]
+                if self.name == "sgd":
+                    m.copy_(torch.where(m_, self.momentum * m + g, m))
+                    update = m
+                else:
+                    v = st[f"v_{pname}"]
+                    m.copy_(torch.where(m_, self.beta1 * m + (1 - self.beta1) * g, m))
+                    v.copy_(torch.where(m_, self.beta2 * v + (1 - self.beta2) * g * g, v))
+                    bc1 = (1 - self.beta1**t).view(shape)
+                    bc2 = (1 - self.beta2**t).view(shape)
+                    update = (m / bc1) / ((v / bc2).sqrt() + self.eps)
+                p.sub_(torch.where(m_, self.lr * update, torch.zeros((), device=p.device)))
+
+    @torch.no_grad()
+    def reset_seed(self, layer_key: str, index: int) -> None:
+        """Forget the optimizer state of one local seed (its next trainable step starts afresh)."""
+        for value in self.state[layer_key].values():
+            value[index].zero_()
+
+    def state_dict(self) -> dict:
+        return {k: {n: t.detach().cpu().clone() for n, t in st.items()} for k, st in self.state.items()}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        for key, st in state.items():
+            for name, t in st.items():
+                self.state[key][name].copy_(t)
+
+
+class Optimizers:
+    """Host optimizer + seed optimizer behind one step / zero_grad / state_dict."""
+
+    def __init__(self, host: torch.optim.Optimizer | None, seeds: SeedOptimizer | None) -> None:
+        self.host, self.seeds = host, seeds
+
+    def zero_grad(self) -> None:
+        if self.host is not None:
+            self.host.zero_grad(set_to_none=True)
+        if self.seeds is not None:
+            self.seeds.zero_grad()
+
+    def step(self) -> None:
+        if self.host is not None:
+            self.host.step()
+        if self.seeds is not None:
+            self.seeds.step()
+
+    def reset_seed(self, layer_key: str, index: int) -> None:
+        if self.seeds is not None:
+            self.seeds.reset_seed(layer_key, index)
+
+    def state_dict(self) -> dict:
+        return {
+            "host": self.host.state_dict() if self.host is not None else None,
+            "seeds": self.seeds.state_dict() if self.seeds is not None else None,
+        }
+
+    def load_state_dict(self, state: Mapping) -> None:
+        if self.host is not None and state.get("host") is not None:
+            self.host.load_state_dict(state["host"])
+        if self.seeds is not None and state.get("seeds") is not None:
+            self.seeds.load_state_dict(state["seeds"])
+
+
+def host_parameters(model: nn.Module, layers: Mapping[str, SeededLayer]) -> list[nn.Parameter]:
+    bank = {id(p) for layer in layers.values() for p in layer.bank.parameters()}
+    return [p for p in model.parameters() if id(p) not in bank and p.requires_grad]
+
+
+def make_optimizers(optim_cfg: Any, lr: float, model: nn.Module, layers: Mapping[str, SeededLayer]) -> Optimizers:
+    params = host_parameters(model, layers)
+    name = str(optim_cfg.name)
+    wd = float(optim_cfg.weight_decay)
+    if name == "sgd":
+        host = torch.optim.SGD(params, lr=lr, momentum=float(optim_cfg.momentum), weight_decay=wd)
+    elif name in ("adamw", "adam"):
+        cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
+        host = cls(params, lr=lr, betas=tuple(optim_cfg.betas), weight_decay=wd)
+    else:
+        raise ValueError(f"optim.name={name!r} is not known; allowed values: ['adamw', 'adam', 'sgd']")
+    seeds = None
+    if layers:
+        seeds = SeedOptimizer(
+            layers,
+            name=name,
+            lr=lr * float(optim_cfg.seed_lr_scale),
+            betas=tuple(optim_cfg.betas),
+            momentum=float(optim_cfg.momentum),
+        )
+    return Optimizers(host, seeds)
