@@ -11,7 +11,6 @@ ACT_GELU_TANH = 1
 ACT_IDS = {"relu": ACT_RELU, "gelu_tanh": ACT_GELU_TANH}
 
 
-
 @triton.jit
 def _tanh(v):
     # 1 - 2 / (exp(2v) + 1): saturates cleanly to +-1 (exp overflows to inf or underflows to 0).
