@@ -227,8 +227,24 @@ CHOICES = {
     "optim.name": ("adamw", "adam", "sgd"),
     "train.device": ("auto", "cpu", "cuda"),
 }
-POSITIVE = ("train.steps", "train.batch_size", "train.lr", "seeds.per_layer", "seeds.rank", "controller.interval")
-NON_NEGATIVE = ("train.eval_batch", "train.log_every", "checkpoint.every", "optim.weight_decay")
+POSITIVE = (
+    "train.steps",
+    "train.batch_size",
+    "train.lr",
+    "seeds.per_layer",
+    "seeds.rank",
+    "controller.interval",
+    "controller.patience_k",
+    "schedule.ramp_steps",
+)
+NON_NEGATIVE = (
+    "train.eval_batch",
+    "train.log_every",
+    "checkpoint.every",
+    "optim.weight_decay",
+    "controller.max_active",
+    "controller.embargo_steps",
+)
 POW2 = ("kernel.block_rows", "kernel.block_cols", "kernel.num_warps")
 
 
@@ -280,8 +296,10 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"kernel.block_rows={cfg.kernel.block_rows} must be >= 16 (tl.dot tiles)")
     if cfg.kernel.num_warps > 32:
         raise ConfigError(f"kernel.num_warps={cfg.kernel.num_warps} must be at most 32")
-    if cfg.schedule.ramp_steps < 1:
-        raise ConfigError(f"schedule.ramp_steps={cfg.schedule.ramp_steps} must be >= 1")
+    if not 0 <= cfg.schedule.min_factor <= cfg.schedule.max_factor:
+        raise ConfigError(f"schedule.min_factor={cfg.schedule.min_factor} must lie in [0, schedule.max_factor]")
+    if cfg.schedule.grad_lo > cfg.schedule.grad_hi:
+        raise ConfigError(f"schedule.grad_lo={cfg.schedule.grad_lo} must be <= schedule.grad_hi")
     if cfg.model.name == "cnn" and cfg.data.name == "synthetic":
         raise ConfigError("model=cnn needs image data; data.name='synthetic' is flat (use data=digits or cifar10)")
     if cfg.seeds.enabled:
@@ -290,13 +308,16 @@ def validate(cfg: Any) -> None:
 
 def validate_seeded_widths(cfg: Any) -> None:
     """seeds.per_layer must divide the width of every seeded layer (and leave C >= 16 for lowrank)."""
+    import torch
+
     from morpho_dist.blueprints import LOWRANK_MIN_CHUNK
     from morpho_dist.data import input_spec
     from morpho_dist.models import build_model
     from morpho_dist.wrap import find_targets
 
     shape, classes = input_spec(cfg.data)
-    model = build_model(cfg.model, shape, classes)
+    with torch.device("meta"):  # shapes only: no memory, no draws from the RNG
+        model = build_model(cfg.model, shape, classes)
     targets = cfg.seeds.targets
     if not isinstance(targets, str):
         targets = list(targets)

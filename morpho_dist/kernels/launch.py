@@ -19,7 +19,8 @@ from morpho_dist.kernels.options import KernelOptions
 from morpho_dist.kernels.seeded import KIND_DIAGONAL, KIND_LOWRANK, _seeded_bwd_kernel, _seeded_fwd_kernel
 
 _KIND_IDS = {"lowrank": KIND_LOWRANK, "diagonal": KIND_DIAGONAL}
-_MAX_TILE_ELEMS = 8192  # rows x band columns of one tile
+_MAX_TILE_ELEMS = 2048  # rows x band columns of one tile: five fp32 accumulator tiles stay in registers
+_MAX_LOWRANK_BAND = 64  # lowrank band columns: the backward's block-diagonal dots fit in shared memory
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class TilePlan:
 @functools.lru_cache(maxsize=8)
 def _target_programs(device: torch.device) -> int:
     if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        return 8 * torch.cuda.get_device_properties(device).multi_processor_count
     return 4  # Triton interpreter: a few programs still exercise the split path
 
 
@@ -48,7 +49,8 @@ def plan_tiles(kind: str, rows: int, seeds: int, chunk: int, rank: int, opts: Ke
         rank_tile = max(16, triton.next_power_of_2(rank))
     else:
         chunk_tile, rank_tile = min(pow2_chunk, opts.block_cols), 16
-    seeds_per_prog = max(1, min(opts.block_cols // chunk_tile, triton.next_power_of_2(seeds)))
+    band_cap = min(opts.block_cols, _MAX_LOWRANK_BAND) if kind == "lowrank" else opts.block_cols
+    seeds_per_prog = max(1, min(band_cap // chunk_tile, triton.next_power_of_2(seeds)))
     band = seeds_per_prog * chunk_tile
     block_t = opts.block_rows
     while block_t > 16 and block_t * band > _MAX_TILE_ELEMS:

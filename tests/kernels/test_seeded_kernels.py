@@ -95,7 +95,10 @@ def assert_matches(got, want, dtype, atol, rtol):
     for i, field in enumerate(TELEMETRY_FIELDS):
         scale = want["tel"][:, i].abs().max().clamp_min(1.0)
         torch.testing.assert_close(
-            got["tel"][:, i], want["tel"][:, i], atol=gatol * scale, rtol=grtol,
+            got["tel"][:, i],
+            want["tel"][:, i],
+            atol=gatol * scale,
+            rtol=grtol,
             msg=lambda m, f=field: f"telemetry field {f}: {m}",
         )
 
