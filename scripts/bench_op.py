@@ -11,8 +11,10 @@ mode and under torch.compile. Needs a CUDA device.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
+import time
 
 import torch
 import triton
@@ -54,8 +56,52 @@ def make_inputs(t, n, c, kind, rank, mix, dtype, device, requires_grad):
     return x.requires_grad_(requires_grad), stage.to(device), blend.to(device), alpha.to(device), p0, p1, tel
 
 
+def row_dtype(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def profile_call(fn, label: str) -> None:
+    """Kernel-level GPU times of one call (torch.profiler) next to its host wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - t0) / 20 * 1e6
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+    kernels = [(e.key, e.device_time_total) for e in events if e.device_time_total > 0]
+    gpu = sum(t for _, t in kernels)
+    top = ", ".join(f"{n[:28]}={t:.1f}" for n, t in sorted(kernels, key=lambda k: -k[1])[:4])
+    host = sorted(((e.key, e.self_cpu_time_total) for e in events), key=lambda k: -k[1])[:6]
+    host_top = ", ".join(f"{n[:32]}={t:.0f}" for n, t in host)
+    print(f"  profile {label}: wall {wall:.1f} us/call, GPU {gpu:.1f} us: {top}\n    host: {host_top}", flush=True)
+
+
 def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3  # us
+
+
+def make_call(impl, inputs, kind, grad, dy, **kw):
+    """One op call; with grad, the backward through torch.autograd.grad (no .grad accumulation kernels)."""
+    x, stage, blend, alpha, p0, p1, tel = inputs
+    wrt = [x, p0, p1]
+
+    def run():
+        y, _ = impl(x, stage, blend, alpha, p0, p1, tel, kind=kind, **kw)
+        if grad:
+            torch.autograd.grad(y, wrt, dy)
+
+    return run
+
+
+SWEEP = [(r, c, w) for r in (16, 32, 64) for c in (64, 128, 256) for w in (4, 8) if r * c <= 8192]
 
 
 def main() -> None:
@@ -67,6 +113,8 @@ def main() -> None:
     ap.add_argument("--block-cols", type=int, default=KernelOptions.block_cols)
     ap.add_argument("--num-warps", type=int, default=KernelOptions.num_warps)
     ap.add_argument("--dot-precision", default="tf32")
+    ap.add_argument("--profile", action="store_true", help="also print each call's kernels and host time")
+    ap.add_argument("--sweep", action="store_true", help="time every (block_rows, block_cols, num_warps) of SWEEP")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_op.py needs a CUDA device")
@@ -77,69 +125,53 @@ def main() -> None:
     dtypes = [torch.float32] if args.quick else [torch.float32, torch.bfloat16]
     for name in args.workloads.split(","):
         t, n, c, kind, rank = WORKLOADS[name]
-        for mix in ("dormant", "third"):
-            for dtype in dtypes:
-                for mode in ("fwd", "fwd+bwd"):
-                    grad = mode == "fwd+bwd"
-                    x, stage, blend, alpha, p0, p1, tel = make_inputs(t, n, c, kind, rank, mix, dtype, dev, grad)
-                    dy = torch.randn_like(x)
-                    nbytes = x.numel() * x.element_size() * (4 if grad else 2)
-                    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=dev)
-                    dst = torch.empty_like(src)
-
-                    args_ = (x, stage, blend, alpha, p0, p1, tel)
-
-                    def call(impl, args_=args_, kind=kind, grad=grad, dy=dy, **kw):
-                        def run():
-                            y, _ = impl(*args_, kind=kind, **kw)
-                            if grad:
-                                y.backward(dy)
-
-                        return run
-
-                    ours = call(seeded, backend="triton", options=opts, check_ids=False)
-                    try:
-                        t_ours = bench(ours)
-                    except Exception as e:  # noqa: BLE001  one failing workload is reported, the rest still run
-                        print(f"{name} {mix} {dtype} {mode}: FAILED {type(e).__name__}: {e}"[:400], flush=True)
-                        continue
-                    t_copy = bench(lambda dst=dst, src=src: dst.copy_(src))
-                    t_eager = bench(call(seeded_reference, check_ids=False))
-                    t_comp = float("nan")
-                    if not args.quick:
-                        try:
-                            t_comp = bench(call(ref_compiled, check_ids=False))
-                        except Exception as e:  # noqa: BLE001  a peer that fails to compile is reported, not fatal
-                            print(f"torch.compile failed on {name}: {type(e).__name__}: {e}"[:300], file=sys.stderr)
-                    row = {
-                        "workload": name,
-                        "T": t,
-                        "N": n,
-                        "C": c,
-                        "kind": kind,
-                        "mix": mix,
-                        "dtype": str(dtype).replace("torch.", ""),
-                        "mode": mode,
-                        "us": t_ours,
-                        "GBps": nbytes / t_ours / 1e3,
-                        "copy_GBps": nbytes / t_copy / 1e3,
-                        "frac_of_copy": t_copy / t_ours,
-                        "speedup_eager": t_eager / t_ours,
-                        "speedup_compile": t_comp / t_ours,
-                    }
-                    rows.append(row)
-                    print(
-                        f"{name:10s} {mix:8s} {row['dtype']:9s} {mode:8s} {t_ours:9.1f} us {row['GBps']:8.0f} GB/s "
-                        f"copy {row['copy_GBps']:6.0f} GB/s  {100 * row['frac_of_copy']:5.1f}% of copy  "
-                        f"x{row['speedup_eager']:6.1f} eager  x{row['speedup_compile']:6.2f} compile",
-                        flush=True,
-                    )
-    meta = {
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "options": opts.__dict__,
-    }
+        for mix, dtype, mode in itertools.product(("dormant", "third"), dtypes, ("fwd", "fwd+bwd")):
+            label = f"{name} {mix} {row_dtype(dtype)} {mode}"
+            grad = mode == "fwd+bwd"
+            inputs = make_inputs(t, n, c, kind, rank, mix, dtype, dev, grad)
+            dy = torch.randn_like(inputs[0])
+            nbytes = inputs[0].numel() * inputs[0].element_size() * (4 if grad else 2)
+            src = torch.empty(nbytes // 2, dtype=torch.uint8, device=dev)
+            dst = torch.empty_like(src)
+            t_copy = bench(lambda dst=dst, src=src: dst.copy_(src))
+            configs = [opts]
+            if args.sweep:
+                configs = [KernelOptions(r, cc, w, False, args.dot_precision) for r, cc, w in SWEEP]
+            timed = []
+            for cfg in configs:
+                try:
+                    timed.append((bench(make_call(seeded, inputs, kind, grad, dy, backend="triton", options=cfg,
+                                                  check_ids=False)), cfg))  # fmt: skip
+                except Exception as e:  # noqa: BLE001  one failing config is reported, the rest still run
+                    print(f"  {label} {cfg}: FAILED {type(e).__name__}: {e}"[:300], flush=True)
+            if not timed:
+                continue
+            t_ours, best = min(timed, key=lambda tc: tc[0])
+            ours = make_call(seeded, inputs, kind, grad, dy, backend="triton", options=best, check_ids=False)
+            if args.profile:
+                profile_call(ours, label)
+            t_eager = bench(make_call(seeded_reference, inputs, kind, grad, dy, check_ids=False))
+            t_comp = float("nan")
+            if not args.quick:
+                try:
+                    t_comp = bench(make_call(ref_compiled, inputs, kind, grad, dy, check_ids=False))
+                except Exception as e:  # noqa: BLE001  a peer that fails to compile is reported, not fatal
+                    print(f"torch.compile failed on {label}: {type(e).__name__}: {e}"[:300], file=sys.stderr)
+            row = {
+                "workload": name, "T": t, "N": n, "C": c, "kind": kind, "mix": mix, "dtype": row_dtype(dtype),
+                "mode": mode, "us": t_ours, "GBps": nbytes / t_ours / 1e3, "copy_GBps": nbytes / t_copy / 1e3,
+                "frac_of_copy": t_copy / t_ours, "speedup_eager": t_eager / t_ours, "speedup_compile": t_comp / t_ours,
+                "block_rows": best.block_rows, "block_cols": best.block_cols, "num_warps": best.num_warps,
+            }  # fmt: skip
+            rows.append(row)
+            print(
+                f"{name:10s} {mix:8s} {row['dtype']:9s} {mode:8s} {t_ours:9.1f} us {row['GBps']:8.0f} GB/s "
+                f"copy {row['copy_GBps']:6.0f} GB/s  {100 * row['frac_of_copy']:5.1f}% of copy  "
+                f"x{row['speedup_eager']:6.1f} eager  x{row['speedup_compile']:6.2f} compile  "
+                f"[{best.block_rows}x{best.block_cols} w{best.num_warps}]",
+                flush=True,
+            )
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
 

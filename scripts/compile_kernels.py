@@ -44,17 +44,22 @@ def main() -> int:
     target = GPUTarget("cuda", args.arch, 32)
     failures = 0
     variants = itertools.product(
-        [(KIND_LOWRANK, 16, 4), (KIND_LOWRANK, 64, 1), (KIND_DIAGONAL, 1, 64)],  # (kind, CP, SPP)
+        [
+            (KIND_LOWRANK, 16, 4, True),
+            (KIND_LOWRANK, 32, 2, False),
+            (KIND_DIAGONAL, 1, 64, True),
+            (KIND_DIAGONAL, 4, 16, False),
+        ],  # (kind, CP, SPP, DENSE)
         [False, True],  # deterministic
         ["fp32", "bf16"],
     )
-    for (kind, cp, spp), det, dtype in variants:
+    for (kind, cp, spp, dense), det, dtype in variants:
         constexprs = dict(
             KIND=kind, ACT=1, BLOCK_T=32, CP=cp, RP=16, SPP=spp, USE_ATOMICS=not det, HAS_STATS=True,
-            DOT_PRECISION="tf32",
+            DOT_PRECISION="tf32", DENSE=dense,
         )  # fmt: skip
         for fn in (_seeded_fwd_kernel, _seeded_bwd_kernel):
-            name = f"{fn.__name__} kind={kind} CP={cp} SPP={spp} deterministic={det} {dtype}"
+            name = f"{fn.__name__} kind={kind} CP={cp} SPP={spp} dense={dense} deterministic={det} {dtype}"
             try:
                 src = ASTSource(fn, _signature(fn, constexprs, dtype), constexprs=constexprs)
                 kernel = triton.compile(src, target=target)

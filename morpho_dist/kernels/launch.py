@@ -19,7 +19,7 @@ from morpho_dist.kernels.options import KernelOptions
 from morpho_dist.kernels.seeded import KIND_DIAGONAL, KIND_LOWRANK, _seeded_bwd_kernel, _seeded_fwd_kernel
 
 _KIND_IDS = {"lowrank": KIND_LOWRANK, "diagonal": KIND_DIAGONAL}
-_MAX_TILE_ELEMS = 2048  # rows x band columns of one tile: five fp32 accumulator tiles stay in registers
+_MAX_LOWRANK_TILE_ELEMS = 4096  # rows x band columns of a lowrank tile: the backward's dots fit in shared memory
 _MAX_LOWRANK_BAND = 64  # lowrank band columns: the backward's block-diagonal dots fit in shared memory
 
 
@@ -32,6 +32,7 @@ class TilePlan:
     groups: int  # grid dim 1: seed bands
     splits: int  # grid dim 0: row ranges
     rows_per_split: int
+    dense: bool  # chunk == chunk_tile: the band is one contiguous feature range
 
 
 @functools.lru_cache(maxsize=8)
@@ -53,14 +54,16 @@ def plan_tiles(kind: str, rows: int, seeds: int, chunk: int, rank: int, opts: Ke
     seeds_per_prog = max(1, min(band_cap // chunk_tile, triton.next_power_of_2(seeds)))
     band = seeds_per_prog * chunk_tile
     block_t = opts.block_rows
-    while block_t > 16 and block_t * band > _MAX_TILE_ELEMS:
+    while kind == "lowrank" and block_t > 16 and block_t * band > _MAX_LOWRANK_TILE_ELEMS:
         block_t //= 2
     groups = triton.cdiv(seeds, seeds_per_prog)
     tiles = triton.cdiv(rows, block_t)
     splits = max(1, min(tiles, triton.cdiv(_target_programs(device), groups)))
     tiles_per_split = triton.cdiv(tiles, splits)
     splits = triton.cdiv(tiles, tiles_per_split)
-    return TilePlan(block_t, chunk_tile, rank_tile, seeds_per_prog, groups, splits, tiles_per_split * block_t)
+    return TilePlan(
+        block_t, chunk_tile, rank_tile, seeds_per_prog, groups, splits, tiles_per_split * block_t, chunk == chunk_tile
+    )
 
 
 def _plan(kind, x2, stage, p0, opts) -> tuple[TilePlan, int, int, int, int]:
@@ -75,7 +78,7 @@ def _constexprs(kind, act, plan: TilePlan, opts: KernelOptions, has_stats: bool)
     return dict(
         KIND=_KIND_IDS[kind], ACT=ACT_IDS[act], BLOCK_T=plan.block_t, CP=plan.chunk_tile, RP=plan.rank_tile,
         SPP=plan.seeds_per_prog, USE_ATOMICS=not opts.deterministic, HAS_STATS=has_stats,
-        DOT_PRECISION=opts.dot_precision, num_warps=opts.num_warps,
+        DOT_PRECISION=opts.dot_precision, DENSE=plan.dense, num_warps=opts.num_warps,
     )  # fmt: skip
 
 

@@ -13,7 +13,7 @@ def _is_pow2(v: int) -> bool:
 
 @dataclass(frozen=True)
 class KernelOptions:
-    block_rows: int = 64  # rows per tile
+    block_rows: int = 16  # rows per tile (tile = block_rows x block_cols fp32 accumulators: keep it ~2K)
     block_cols: int = 128  # features per tile (several seeds when the chunk is narrower)
     num_warps: int = 4
     deterministic: bool = False  # True: no float atomics on the result path (bit-identical run to run)

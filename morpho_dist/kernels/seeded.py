@@ -25,13 +25,20 @@ KIND_DIAGONAL = 1
 
 
 @triton.jit
-def _band(group, N, C, c0, SPP: tl.constexpr, CP: tl.constexpr):
-    """Per band column: its seed, whether it is a real feature, and its feature index."""
+def _band(group, N, C, c0, SPP: tl.constexpr, CP: tl.constexpr, DENSE: tl.constexpr):
+    """Per band column: its seed, whether it is a real feature, and its feature index.
+
+    DENSE (C == CP): the band is one contiguous feature range, written so that the compiler can prove it and
+    issue vector loads and stores.
+    """
     j = tl.arange(0, SPP * CP)
     seeds = group * SPP + j // CP
-    c = c0 + j % CP
-    fmask = (seeds < N) & (c < C)
-    return seeds, fmask, seeds * C + c
+    if DENSE:
+        feats = tl.max_contiguous(tl.multiple_of(group * (SPP * CP) + j, SPP * CP), SPP * CP)
+        return seeds, feats < N * CP, feats
+    else:
+        c = c0 + j % CP
+        return seeds, (seeds < N) & (c < C), seeds * C + c
 
 
 @triton.jit
@@ -81,12 +88,13 @@ def _seeded_fwd_kernel(
     T, H, N, C, R, rows_per_split, stats_split_stride, rec_prog_stride, dead_eps, rec_scale,
     KIND: tl.constexpr, ACT: tl.constexpr, BLOCK_T: tl.constexpr, CP: tl.constexpr, RP: tl.constexpr,
     SPP: tl.constexpr, USE_ATOMICS: tl.constexpr, HAS_STATS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DENSE: tl.constexpr,
 ):  # fmt: skip
     split = tl.program_id(0)
     group = tl.program_id(1)
     row_lo = split * rows_per_split
     offs_t = tl.arange(0, BLOCK_T)
-    seeds, fmask, feats = _band(group, N, C, 0, SPP, CP)
+    seeds, fmask, feats = _band(group, N, C, 0, SPP, CP, DENSE)
     bl, training, blended, _trainable, reconstruct, a_eff = _seed_flags(stage_ptr, blend_ptr, alpha_ptr, seeds, N)
     active = training | blended
     any_active = tl.max(active.to(tl.int32), axis=0) > 0
@@ -96,7 +104,7 @@ def _seeded_fwd_kernel(
     acc_max = tl.zeros([BLOCK_T, SPP * CP], tl.float32)
     acc_delta = tl.zeros([BLOCK_T, SPP * CP], tl.float32)
     for c0 in range(0, C, CP):  # lowrank: CP >= C, one pass
-        seeds, fmask, feats = _band(group, N, C, c0, SPP, CP)
+        seeds, fmask, feats = _band(group, N, C, c0, SPP, CP, DENSE)
         if KIND == 0:
             a_bd, b_bd, _wmask = _lowrank_weights(
                 p0_ptr, p1_ptr, seeds, fmask, feats - seeds * C, group, N, C, R, SPP, RP
@@ -156,12 +164,13 @@ def _seeded_bwd_kernel(
     T, H, N, C, R, rows_per_split, stats_split_stride, grad_split_stride, inv_count,
     KIND: tl.constexpr, ACT: tl.constexpr, BLOCK_T: tl.constexpr, CP: tl.constexpr, RP: tl.constexpr,
     SPP: tl.constexpr, USE_ATOMICS: tl.constexpr, HAS_STATS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DENSE: tl.constexpr,
 ):  # fmt: skip
     split = tl.program_id(0)
     group = tl.program_id(1)
     row_lo = split * rows_per_split
     offs_t = tl.arange(0, BLOCK_T)
-    seeds, fmask, feats = _band(group, N, C, 0, SPP, CP)
+    seeds, fmask, feats = _band(group, N, C, 0, SPP, CP, DENSE)
     bl, training, blended, trainable, reconstruct, a_eff = _seed_flags(stage_ptr, blend_ptr, alpha_ptr, seeds, N)
     active = training | blended
     any_active = tl.max(active.to(tl.int32), axis=0) > 0
@@ -170,7 +179,7 @@ def _seeded_bwd_kernel(
     acc_ben = tl.zeros([BLOCK_T, SPP * CP], tl.float32)
     grad_base = split * grad_split_stride
     for c0 in range(0, C, CP):  # lowrank: CP >= C, one pass
-        seeds, fmask, feats = _band(group, N, C, c0, SPP, CP)
+        seeds, fmask, feats = _band(group, N, C, c0, SPP, CP, DENSE)
         if KIND == 0:
             a_bd, b_bd, wmask = _lowrank_weights(
                 p0_ptr, p1_ptr, seeds, fmask, feats - seeds * C, group, N, C, R, SPP, RP
