@@ -97,7 +97,8 @@ class GraftingConfig:
 
 @dataclass
 class ShardingConfig:
-    mode: str = "data"
+    mode: str = "data"  # data | seed | hybrid (morpho_dist.distributed.Mesh)
+    seed_degree: int = 0  # ranks sharing out each layer's seeds; 0: all ranks (seed), 1 (hybrid)
     find_unused_parameters: bool = False
 
 
@@ -105,7 +106,7 @@ class ShardingConfig:
 class KernelConfig:
     backend: str = "auto"
     deterministic: bool = False
-    block_rows: int = 64
+    block_rows: int = 16
     block_cols: int = 128
     num_warps: int = 4
     dot_precision: str = "ieee"
@@ -220,7 +221,7 @@ CHOICES = {
     "grafting.blend": BLEND_NAMES,
     "schedule.name": SCHEDULES,
     "schedule.shape": ("linear", "cosine"),
-    "sharding.mode": ("data",),
+    "sharding.mode": ("data", "seed", "hybrid"),
     "kernel.backend": ("auto", "triton", "reference"),
     "kernel.dot_precision": ("ieee", "tf32"),
     "logger.name": ("wandb", "jsonl", "none"),
@@ -300,6 +301,13 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"schedule.min_factor={cfg.schedule.min_factor} must lie in [0, schedule.max_factor]")
     if cfg.schedule.grad_lo > cfg.schedule.grad_hi:
         raise ConfigError(f"schedule.grad_lo={cfg.schedule.grad_lo} must be <= schedule.grad_hi")
+    if cfg.sharding.seed_degree < 0:
+        raise ConfigError(f"sharding.seed_degree={cfg.sharding.seed_degree} must be >= 0")
+    if cfg.model.name == "cnn" and cfg.sharding.mode != "data":
+        raise ConfigError(
+            f"sharding.mode={cfg.sharding.mode!r}: model=cnn supports sharding=data only (seed and hybrid sharding "
+            "need Linear host layers around each seeded point: use model=mlp or model=transformer)"
+        )
     if cfg.model.name == "cnn" and cfg.data.name == "synthetic":
         raise ConfigError("model=cnn needs image data; data.name='synthetic' is flat (use data=digits or cifar10)")
     if cfg.seeds.enabled:

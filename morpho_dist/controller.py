@@ -6,7 +6,7 @@ Each interval the train loop runs, on every rank:
     measure_counterfactuals(layers, report, evaluate, controller=ctl)   # val loss at alpha vs at 0
     decisions = ctl.decide(report, step)                         # pure function of (report, ctl state)
     apply_decisions(layers, decisions, step, schedule)           # each rank changes the seeds it owns
-    verify_same_decisions(decisions_checksum(decisions, layers), step)
+    verify_same_decisions(decisions_checksum(decisions, layers, report), step)
 
 Policy, per seed (in report order: layer order, then global seed index):
 - any non-finite signal of a TRAINING..FINE_TUNING seed -> rollback (ROLLED_BACK)
@@ -303,10 +303,20 @@ def apply_decisions(
                 layer.alpha_rate[i] = 0.0
 
 
-def decisions_checksum(decisions: list[Decision], layers: Mapping[str, SeededLayer]) -> int:
-    """A 62-bit hash (blake2b, stable across processes) of the decisions (with their signals) and of the
-    post-decision state of every layer whose seeds are replicated (seed-sharded layers differ by design)."""
+def decisions_checksum(
+    decisions: list[Decision], layers: Mapping[str, SeededLayer], report: HealthReport | None = None
+) -> int:
+    """A 62-bit hash (blake2b, stable across processes) of the decisions (with their signals), of the
+    post-decision state of every layer whose seeds are replicated, and of the global ``report`` (its reduced
+    telemetry and state tables, which every rank must hold bit for bit): seed-sharded state is covered
+    through the report it was decided on plus the decisions every rank applies to its own seeds."""
     payload: list[Any] = []
+    if report is not None:
+        h = hashlib.blake2b(digest_size=16)
+        for t in (report.table, report.states):
+            if t is not None:
+                h.update(t.contiguous().numpy().tobytes())
+        payload.append([report.step, h.hexdigest(), [repr(v) for v in report.extras]])
     for d in decisions:
         sig = sorted((k, repr(float(v))) for k, v in d.signals.items())
         target = int(d.target) if d.target is not None else None

@@ -5,8 +5,9 @@
     created = init_process_group(env, device)   # gloo on CPU, nccl on CUDA; no-op for one process
     model = wrap_ddp(model, env, device)   # DDP, broadcast_buffers=False: each rank keeps its telemetry buffer
 
-Only ``sharding=data`` exists so far (seeds replicated, batch sharded); ``Mesh`` checks the degrees. The seed
-and hybrid modes (DeviceMesh + tensor parallel) are a later issue.
+``Mesh`` is the one mesh object (axes ``dp`` and ``seed``, a torch DeviceMesh underneath); the sharding plans
+that apply it to a wrapped model (seed shards, tensor parallel host layers, DDP over ``dp``) are in
+``morpho_dist.sharding``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -49,23 +50,98 @@ def read_env() -> DistEnv:
     return env
 
 
+MODES = ("data", "seed", "hybrid")
+
+
 @dataclass(frozen=True)
 class Mesh:
-    """Degrees of the (dp, seed) mesh; only the data-parallel mode exists so far (seed degree 1)."""
+    """The (dp, seed) mesh: ``dp`` ranks hold replicas and split the batch, ``seed`` ranks split every seeded
+    layer's seed population. ``data``: dp = world, seed = 1; ``seed``: dp = 1, seed = world; ``hybrid``:
+    seed = ``sharding.seed_degree``, dp = world / seed. Rank r sits at (dp_rank, seed_rank) = divmod(r, seed).
+    ``device_mesh`` is the torch DeviceMesh (dims named "dp", "seed"); None in a single process."""
 
     mode: str
     dp: int
     seed: int = 1
+    rank: int = 0
+    device_mesh: Any = field(default=None, compare=False, repr=False)
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.seed
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.seed
+
+    @property
+    def seed_rank(self) -> int:
+        return self.rank % self.seed
+
+    @property
+    def seed_mesh(self) -> Any:
+        """The 1-D ``seed`` sub-mesh (tensor parallelism of the seeded points); None without a process group."""
+        return self.device_mesh["seed"] if self.device_mesh is not None else None
+
+    @property
+    def dp_mesh(self) -> Any:
+        return self.device_mesh["dp"] if self.device_mesh is not None else None
 
     @classmethod
-    def from_config(cls, sharding_cfg: Any, env: DistEnv) -> Mesh:
+    def degrees(cls, sharding_cfg: Any, world_size: int) -> tuple[str, int, int]:
+        """(mode, dp, seed) for a world size; ValueError with the reason when they do not fit."""
         mode = str(sharding_cfg.mode)
-        if mode != "data":
-            raise NotImplementedError(f"sharding.mode={mode!r} is not implemented yet; allowed values: ['data']")
-        mesh = cls(mode=mode, dp=env.world_size, seed=1)
-        if mesh.dp * mesh.seed != env.world_size:
-            raise ValueError(f"mesh dp={mesh.dp} x seed={mesh.seed} != world size {env.world_size}")
-        return mesh
+        if mode not in MODES:
+            raise ValueError(f"sharding.mode={mode!r} is not known; allowed values: {list(MODES)}")
+        want = int(getattr(sharding_cfg, "seed_degree", 0) or 0)
+        if mode == "data":
+            dp, seed = world_size, 1
+        elif mode == "seed":
+            seed = want or world_size
+            if seed != world_size:
+                raise ValueError(
+                    f"sharding=seed shards seeds over all {world_size} ranks but sharding.seed_degree={seed}; "
+                    "use sharding=hybrid for dp x seed"
+                )
+            dp = 1
+        else:
+            seed = want or 1
+            if seed < 1 or world_size % seed:
+                raise ValueError(
+                    f"sharding=hybrid: sharding.seed_degree={seed} must divide the world size {world_size} "
+                    f"(dp * seed == world_size)"
+                )
+            dp = world_size // seed
+        if dp * seed != world_size:
+            raise ValueError(f"mesh dp={dp} x seed={seed} != world size {world_size}")
+        return mode, dp, seed
+
+    @classmethod
+    def from_config(cls, sharding_cfg: Any, env: DistEnv, device: torch.device | None = None) -> Mesh:
+        """Validate the degrees against the world size and build the DeviceMesh (when there is a process
+        group): dims ("dp", "seed"), gloo on CPU, nccl on CUDA."""
+        mode, dp, seed = cls.degrees(sharding_cfg, env.world_size)
+        device_mesh = None
+        if is_initialized() and env.world_size > 1:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            kind = device.type if device is not None else "cpu"
+            device_mesh = init_device_mesh(kind, (dp, seed), mesh_dim_names=("dp", "seed"))
+        return cls(mode=mode, dp=dp, seed=seed, rank=env.rank, device_mesh=device_mesh)
+
+    def check_seed_counts(self, counts: dict[str, int]) -> None:
+        """Every seeded layer's seed count must divide by the seed degree (ValueError naming the layer)."""
+        for name, n in counts.items():
+            if n % self.seed:
+                raise ValueError(
+                    f"layer {name!r} has {n} seeds, not divisible by the seed degree {self.seed} "
+                    f"(sharding={self.mode}, world size {self.world_size}); set seeds.per_layer to a multiple "
+                    f"of {self.seed}"
+                )
+
+    def group(self, axis: str) -> Any:
+        """The process group of one mesh axis ("dp" or "seed"); None without a process group."""
+        return self.device_mesh.get_group(axis) if self.device_mesh is not None else None
 
 
 def pick_device(env: DistEnv, preference: str = "auto") -> torch.device:
@@ -128,19 +204,34 @@ def shared_run_dir(env: DistEnv, root: str = "outputs") -> str:
     return broadcast_object(path)
 
 
-def wrap_ddp(model: nn.Module, env: DistEnv, device: torch.device, find_unused_parameters: bool = False) -> nn.Module:
-    """DistributedDataParallel for several processes (identity otherwise). broadcast_buffers=False: each rank
-    keeps its own telemetry buffer; seed state buffers stay equal because every rank applies the same
-    decisions."""
-    if not env.distributed:
+def wrap_ddp(
+    model: nn.Module,
+    env: DistEnv,
+    device: torch.device,
+    find_unused_parameters: bool = False,
+    mesh: Mesh | None = None,
+    tensor_parallel: bool = False,
+) -> nn.Module:
+    """DistributedDataParallel over the ``dp`` axis (identity when it has one rank). broadcast_buffers=False:
+    each rank keeps its own telemetry buffer; seed state buffers stay equal because every rank applies the
+    same decisions. With tensor-parallel host layers DDP gets the ``dp`` sub-mesh (torch's DDP + TP path)."""
+    dp = mesh.dp if mesh is not None else env.world_size
+    if not env.distributed or dp == 1:
         return model
     ids = [device.index] if device.type == "cuda" else None
+    where: dict[str, Any] = {}
+    if mesh is not None and mesh.device_mesh is not None:
+        where = {"device_mesh": mesh.dp_mesh} if tensor_parallel else {"process_group": mesh.group("dp")}
     with warnings.catch_warnings():
         # newer torch suggests forward_sync_buffers, which still syncs buffers at init: rank-local telemetry
         # buffers need broadcast_buffers=False (the warning itself says to keep it for that case)
         warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
         return nn.parallel.DistributedDataParallel(
-            model, device_ids=ids, broadcast_buffers=False, find_unused_parameters=find_unused_parameters
+            model,
+            device_ids=ids,
+            broadcast_buffers=False,
+            find_unused_parameters=find_unused_parameters,
+            **where,
         )
 
 

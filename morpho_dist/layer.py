@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from morpho_dist.blueprints import BlueprintBank, check_act, check_kind
-from morpho_dist.grafting import NUM_BLENDS, blend_id
+from morpho_dist.grafting import BLEND_NAMES, NUM_BLENDS, blend_id
 from morpho_dist.kernels.layout import NUM_FIELDS
 from morpho_dist.kernels.options import KernelOptions
 from morpho_dist.lifecycle import STATE_FIELDS, IllegalTransition, SeedState, Stage, check_transition
@@ -140,6 +140,33 @@ class SeededLayer(nn.Module):
         if dst in (Stage.DORMANT, Stage.CULLED, Stage.CANCELLED, Stage.ROLLED_BACK, Stage.GERMINATED):
             self.alpha[i] = 0.0
             self.alpha_rate[i] = 0.0
+
+    # ---- sharding ----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def narrow(self, start: int, count: int) -> SeededLayer:
+        """A layer holding ``count`` of this layer's seeds from local index ``start`` on (features
+        ``[start*C, (start+count)*C)``), with their state, telemetry and blueprint parameters copied; it keeps
+        the global seed numbering (seed_offset, num_global_seeds), so germination draws the same values."""
+        if not (start >= 0 and count >= 1 and start + count <= self.num_seeds):
+            raise ValueError(f"cannot take seeds {start}..{start + count - 1} of a layer with {self.num_seeds}")
+        out = SeededLayer(
+            count * self.chunk,
+            count,
+            kind=self.kind,
+            rank=self.bank.rank,
+            act=self.act,
+            blend=BLEND_NAMES[self.default_blend],
+            dead_eps=self.dead_eps,
+            backend=self.backend,
+            kernel=self.kernel,
+            layer_key=self.layer_key,
+            base_seed=self.bank.base_seed,
+            seed_offset=self.seed_offset + start,
+            num_global_seeds=self.num_global_seeds,
+        ).to(self.telemetry.device)
+        for key, value in self.state_dict().items():
+            out.state_dict()[key].copy_(value[start : start + count])
+        return out
 
     # ---- telemetry -------------------------------------------------------------------------------------------
     def read_telemetry(self, reset: bool = True) -> torch.Tensor:

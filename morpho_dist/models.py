@@ -135,5 +135,39 @@ def build_model(model_cfg: Any, input_shape: tuple[int, ...], classes: int) -> n
     raise ConfigError(f"model.name={name!r} is not known; allowed values: ['mlp', 'cnn', 'transformer']")
 
 
+def seed_tp_plan(model: nn.Module, targets: list[str]) -> dict[str, str]:
+    """Seeded target -> the host Linear right after it, for ``sharding=seed|hybrid``: the target becomes
+    column-parallel and its successor row-parallel, so a rank's activation is exactly its seeds' features.
+    ``mlp``: embed -> fc1 -> ... -> head; ``transformer``: blocks.<i>.mlp.fc1 -> blocks.<i>.mlp.fc2."""
+    if isinstance(model, CNN):
+        raise ConfigError(
+            "model=cnn supports sharding=data only (seed and hybrid sharding need Linear host layers around each "
+            "seeded point: use model=mlp or model=transformer, or sharding=data)"
+        )
+    if isinstance(model, MLP):
+        chain = (["embed"] if model.embed is not None else []) + [f"fc{i}" for i in range(1, model.depth + 1)]
+        chain.append("head")
+        follow = dict(zip(chain, chain[1:]))
+    elif isinstance(model, Transformer):
+        follow = {f"blocks.{i}.mlp.fc1": f"blocks.{i}.mlp.fc2" for i in range(len(model.blocks))}
+    else:
+        raise ConfigError(f"{type(model).__name__} has no seed-sharding plan; use sharding=data")
+    plan = {}
+    for name in targets:
+        if name not in follow:
+            raise ConfigError(
+                f"seeds.targets: {name!r} cannot be seed-sharded (no host Linear consumes it alone); shardable "
+                f"targets of this model: {sorted(follow)}"
+            )
+        plan[name] = follow[name]
+    clash = set(plan) & set(plan.values())
+    if clash:
+        raise ConfigError(
+            f"seeds.targets: {sorted(clash)} would be both row- and column-parallel (adjacent seeded layers "
+            "cannot be seed-sharded); seed every other layer or use sharding=data"
+        )
+    return plan
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

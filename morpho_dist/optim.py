@@ -140,8 +140,16 @@ def host_parameters(model: nn.Module, layers: Mapping[str, SeededLayer]) -> list
     return [p for p in model.parameters() if id(p) not in bank and p.requires_grad]
 
 
-def make_optimizers(optim_cfg: Any, lr: float, model: nn.Module, layers: Mapping[str, SeededLayer]) -> Optimizers:
-    params = host_parameters(model, layers)
+def make_optimizers(
+    optim_cfg: Any,
+    lr: float,
+    model: nn.Module,
+    layers: Mapping[str, SeededLayer],
+    params: list[nn.Parameter] | None = None,
+) -> Optimizers:
+    """Host optimizer over ``params`` (default: the model's non-bank parameters) + the seed optimizer over the
+    layers' banks (this rank's seeds only when seeds are sharded: a layer holds only its shard)."""
+    params = host_parameters(model, layers) if params is None else list(params)
     name = str(optim_cfg.name)
     wd = float(optim_cfg.weight_decay)
     if name == "sgd":

@@ -6,6 +6,10 @@ second table padded with -inf. Under torch.distributed it issues exactly two col
 all_reduce(SUM) of the sum fields (every rank contributes its local accumulations: data-parallel replicas
 add up, seed shards fill disjoint ranges) and all_reduce(MAX) of absmax plus the state (replicas agree, shards
 fill their own ranges; -inf marks "not here"). One device->host copy, then the layers' buffers are reset.
+
+Data parallelism: each of ``dp`` replicas back-propagates the mean loss of its 1/dp of the global batch, so
+its dy is dp times the dy of the global mean loss. After the reduce, ``grad_sq`` is divided by dp**2 and
+``benefit`` by dp: the table is that of one process on the global batch, whatever the mesh.
 """
 
 from __future__ import annotations
@@ -80,6 +84,10 @@ class HealthReport:
     counterfactual: dict[tuple[str, int], tuple[float, float]] = field(default_factory=dict)
     # the reduced raw table [L, N_global_max, 8] on the host (zero rows where a layer has fewer seeds)
     table: torch.Tensor | None = None
+    # the reduced ``extras`` of build_report (per-rank shares of host-wide sums), as floats
+    extras: list[float] = field(default_factory=list)
+    # the reduced per-seed state table [L, N_global_max, 1 + len(STATE_FIELDS)] on the host
+    states: torch.Tensor | None = None
 
     def records(self) -> list[dict]:
         """One flat dict per seed for the JSONL log."""
@@ -166,22 +174,45 @@ def local_tables(layers: Mapping[str, SeededLayer]) -> tuple[torch.Tensor, torch
     return sums, maxes
 
 
+def grad_field_scale(dp: int) -> torch.Tensor:
+    """Per-field factors that turn dp replicas' summed telemetry into the global-batch table (see above)."""
+    scale = torch.ones(NUM_FIELDS, dtype=torch.float64)
+    scale[F_GRAD_SQ] = 1.0 / (dp * dp)
+    scale[F_BENEFIT] = 1.0 / dp
+    return scale
+
+
 @torch.no_grad()
-def build_report(layers: Mapping[str, SeededLayer], step: int, group=None) -> HealthReport:
+def build_report(
+    layers: Mapping[str, SeededLayer], step: int, group=None, *, dp: int = 1, extras: torch.Tensor | None = None
+) -> HealthReport:
     """All-reduce the layers' telemetry and state (two collectives when distributed), copy to the host once,
-    reset the buffers and return the per-seed health report (identical on every rank of ``group``)."""
+    reset the buffers and return the per-seed health report (identical on every rank of ``group``).
+    ``dp``: the data-parallel degree (see the module doc). ``extras``: a few more per-rank sums to reduce in
+    the same SUM collective (the train loop's host grad and drift norms), returned as ``report.extras``."""
     names = list(layers)
     if not names:
         return HealthReport(step=step, seeds=[], layers=[])
     sums, maxes = local_tables(layers)
     sum_part = sums[..., list(SUM_FIELDS)].contiguous()
+    n_extra = 0 if extras is None else extras.numel()
+    if n_extra:
+        flat = torch.cat([sum_part.reshape(-1), extras.to(device=sum_part.device, dtype=torch.float64).reshape(-1)])
+    else:
+        flat = sum_part.reshape(-1)
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(sum_part, op=dist.ReduceOp.SUM, group=group)
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
         dist.all_reduce(maxes, op=dist.ReduceOp.MAX, group=group)
+    sum_part = flat[: sum_part.numel()].view_as(sum_part)
     table = torch.zeros_like(sums)
     table[..., list(SUM_FIELDS)] = sum_part
+    if dp != 1:
+        table *= grad_field_scale(dp).to(table.device)
     table[..., F_ABSMAX] = maxes[..., 0].clamp_min(0.0)  # -inf padding -> 0
-    host = torch.cat([table, maxes], dim=-1).cpu()  # the one device->host copy
+    both = torch.cat([table, maxes], dim=-1)
+    packed = torch.cat([both.reshape(-1), flat[sum_part.numel() :]]).cpu()  # the one device->host copy
+    host = packed[: both.numel()].view(both.shape)
+    extra_values = packed[both.numel() :].tolist()
     for layer in layers.values():
         layer.reset_telemetry()
     rows = host.tolist()
@@ -192,7 +223,14 @@ def build_report(layers: Mapping[str, SeededLayer], step: int, group=None) -> He
             if m[1] == -math.inf:  # no rank holds this seed (padding of a narrower layer)
                 continue
             seeds.append(_health(name, n, f, m))
-    return HealthReport(step=step, seeds=seeds, layers=names, table=host[..., :NUM_FIELDS].float())
+    return HealthReport(
+        step=step,
+        seeds=seeds,
+        layers=names,
+        table=host[..., :NUM_FIELDS].float(),
+        extras=extra_values,
+        states=host[..., NUM_FIELDS:],
+    )
 
 
 def telemetry_table(report: HealthReport) -> dict[str, list[list[float]]]:

@@ -1,17 +1,21 @@
 """run(cfg): env -> data -> host model -> wrap -> optimizers -> loop (+ controller, logs, checkpoints) -> summary.
 
     python -m morpho_dist.train [overrides]                        # one process
-    torchrun --nproc_per_node=2 -m morpho_dist.train [overrides]   # data parallel (gloo on CPU, nccl on GPU)
+    torchrun --nproc_per_node=2 -m morpho_dist.train [overrides]   # sharding=data|seed|hybrid (gloo / nccl)
 
-Per step: forward, loss + sum of the SeededLayers' rec_loss, backward, optimizer step, ``schedule.step_`` on
-every seeded layer and ``tick_``. Every ``controller.interval`` steps: all-reduced health report,
-counterfactual val losses, decisions (identical on every rank, checked by checksum), applied, alpha rates set,
-events and telemetry logged by rank 0.
+Build: mesh (dp x seed) -> data -> host -> wrap -> shard_model (seed shards, TP host layers) -> DDP over dp
+-> optimizers -> resume (DCP, any mesh). Per step: forward, loss + sum of the SeededLayers' rec_loss,
+backward, optimizer step, ``schedule.step_`` on every seeded layer and ``tick_``: no collective but those of
+DDP and tensor parallelism. Every ``controller.interval`` steps: the health report (two all-reduces over the
+world, which also carry the host grad / drift norms), counterfactual val losses, decisions (identical on every
+rank, checked by one checksum all-reduce), applied by each rank to its seeds, events and telemetry logged by
+rank 0.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import random
 import time
@@ -37,9 +41,9 @@ from morpho_dist.data import ShardedBatches, load_dataset, val_subset
 from morpho_dist.distributed import (
     DistEnv,
     Mesh,
-    all_equal,
     destroy_process_group,
     init_process_group,
+    is_initialized,
     pick_device,
     read_env,
     shared_run_dir,
@@ -50,7 +54,8 @@ from morpho_dist.kernels.options import KernelOptions
 from morpho_dist.lifecycle import ACTIVE_STAGES, BLENDED_STAGES, Stage
 from morpho_dist.logging import make_run_log
 from morpho_dist.models import build_model, count_params
-from morpho_dist.optim import host_parameters, make_optimizers
+from morpho_dist.optim import make_optimizers
+from morpho_dist.sharding import host_square_sums, named_host_parameters, shard_model, snapshot_host
 from morpho_dist.telemetry import build_report
 from morpho_dist.wrap import seeded_layers, wrap
 
@@ -90,24 +95,6 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: in
     return loss / len(y), correct / len(y)
 
 
-def _flat_host(params: list[torch.nn.Parameter]) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in params]).clone() if params else torch.zeros(0)
-
-
-def _grad_norm(params: list[torch.nn.Parameter]) -> float:
-    norms = [p.grad.detach().norm() for p in params if p.grad is not None]
-    return float(torch.stack(norms).norm()) if norms else 0.0
-
-
-def seed_params(layers: dict, stages: set[Stage]) -> int:
-    """Blueprint parameters of the seeds in ``stages`` (what growth added to the host)."""
-    total = 0
-    for layer in layers.values():
-        per_seed = (layer.bank.p0[0].numel() + layer.bank.p1[0].numel()) if layer.num_seeds else 0
-        total += per_seed * sum(Stage(s) in stages for s in layer.stage.tolist())
-    return total
-
-
 def seed_state_digest(layers: dict) -> str:
     """A hash of every seed's state and blueprint parameters (not the rank-local telemetry): equal on all ranks
     when the replicated seeds evolved identically."""
@@ -121,52 +108,108 @@ def seed_state_digest(layers: dict) -> str:
     return h.hexdigest()
 
 
-def stage_counts(layers: dict) -> dict[str, int]:
+def stage_counts(stages: dict[str, list[int]]) -> dict[str, int]:
     counts = {s.name: 0 for s in Stage}
-    for layer in layers.values():
-        for s in layer.stage.tolist():
+    for seq in stages.values():
+        for s in seq:
             counts[Stage(s).name] += 1
     return counts
 
 
-def run(cfg: Any) -> dict:
-    """Train as configured; returns the summary (also written to <run_dir>/summary.json by rank 0)."""
+def gather_ranks(layers: dict, mesh: Mesh, optimizers) -> list[dict]:
+    """Every rank's seed shard: global seed ranges, local stages, bytes of blueprint / optimizer state and a
+    digest of its seeds' state (one all_gather_object; a list of one entry in a single process)."""
+    seeds_opt = optimizers.seeds.state if optimizers.seeds is not None else {}
+    host_opt = optimizers.host.state if optimizers.host is not None else {}
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts if torch.is_tensor(t))  # noqa: E731
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
+    info = {
+        "rank": mesh.rank,
+        "dp_rank": mesh.dp_rank,
+        "seed_rank": mesh.seed_rank,
+        "seed_ranges": {n: [layer.seed_offset, layer.seed_offset + layer.num_seeds] for n, layer in layers.items()},
+        "blueprint_bytes": nbytes(p for layer in layers.values() for p in layer.bank.parameters()),
+        "seed_optimizer_bytes": nbytes(t for st in seeds_opt.values() for t in st.values()),
+        "host_optimizer_bytes": nbytes(local(t) for st in host_opt.values() for t in st.values()),
+        "stages": {n: layer.stage.tolist() for n, layer in layers.items()},
+        "seed_state_digest": seed_state_digest(layers),
+    }
+    if not is_initialized():
+        return [info]
+    out: list = [None] * mesh.world_size
+    torch.distributed.all_gather_object(out, info)
+    return out
+
+
+def global_stages(ranks: list[dict]) -> dict[str, list[int]]:
+    """Layer -> stage of every global seed, assembled from the dp-rank-0 shards."""
+    out: dict[str, list[int]] = {}
+    for info in sorted((r for r in ranks if r["dp_rank"] == 0), key=lambda r: r["seed_rank"]):
+        for name, seq in info["stages"].items():
+            out.setdefault(name, []).extend(seq)
+    return out
+
+
+def run(cfg: Any, record: dict | None = None) -> dict:
+    """Train as configured; returns the summary (also written to <run_dir>/summary.json by rank 0).
+    ``record`` (tests): filled with this rank's per-step losses, per-interval telemetry tables and decisions."""
     validate(cfg)
     env = read_env()
     device = pick_device(env, cfg.train.device)
     created = init_process_group(env, device)
     try:
-        return _run(cfg, env, device)
+        return _run(cfg, env, device, record)
     finally:
         if created:
             destroy_process_group()
 
 
-def _run(cfg: Any, env: DistEnv, device: torch.device) -> dict:
-    t0 = time.time()
-    mesh = Mesh.from_config(cfg.sharding, env)
-    run_dir = resolve_run_dir(cfg, env)
+def build(cfg: Any, env: DistEnv, device: torch.device) -> dict:
+    """Mesh, data, sharded model, DDP, optimizers, controller: everything a run (or a test) starts from."""
+    mesh = Mesh.from_config(cfg.sharding, env, device)
     seed_everything(int(cfg.seed))
     data = load_dataset(cfg.data, int(cfg.seed)).to(device)
     model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
     host_param_count = count_params(model)
     if cfg.seeds.enabled:
         wrap(model, cfg.seeds, kernel=kernel_options(cfg.kernel), backend=cfg.kernel.backend, base_seed=int(cfg.seed))
+    plan = shard_model(model, mesh)
     layers = seeded_layers(model)
-    optimizers = make_optimizers(cfg.optim, float(cfg.train.lr), model, layers)
-    controller = Controller(cfg.controller) if layers else None
-    schedule = make_schedule(cfg.schedule)
-    host_params = host_parameters(model, layers)
+    ddp = wrap_ddp(model, env, device, bool(cfg.sharding.find_unused_parameters), mesh, plan.tensor_parallel)
+    host_named = named_host_parameters(model, layers)  # after DDP: the tensors DDP and the optimizer hold
+    optimizers = make_optimizers(cfg.optim, float(cfg.train.lr), model, layers, [p for _, p in host_named])
+    return {
+        "mesh": mesh,
+        "data": data,
+        "model": model,
+        "ddp": ddp,
+        "layers": layers,
+        "host_named": host_named,
+        "optimizers": optimizers,
+        "controller": Controller(cfg.controller) if layers else None,
+        "host_param_count": host_param_count,
+        "bank_params": sum(
+            (layer.bank.p0[0].numel() + layer.bank.p1[0].numel()) * layer.num_global_seeds for layer in layers.values()
+        ),
+    }
 
-    start, extra = 0, {}
+
+def _run(cfg: Any, env: DistEnv, device: torch.device, record: dict | None) -> dict:
+    t0 = time.time()
+    b = build(cfg, env, device)
+    mesh, data, model, ddp, layers = b["mesh"], b["data"], b["model"], b["ddp"], b["layers"]
+    host_named, optimizers, controller = b["host_named"], b["optimizers"], b["controller"]
+    run_dir = resolve_run_dir(cfg, env)
+    schedule = make_schedule(cfg.schedule)
+    prev_host = snapshot_host(host_named)
+    ckpt = {"mesh": mesh, "layers": layers, "host_params": host_named, "optimizers": optimizers}
+
+    start = 0
     resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, run_dir)
     if resume_from is not None:
-        start, extra = checkpoint.load(
-            resume_from, model=model, optimizers=optimizers, controller=controller, device=device
-        )
-    ddp = wrap_ddp(model, env, device, bool(cfg.sharding.find_unused_parameters))
+        start, _ = checkpoint.load(resume_from, controller=controller, prev_host=prev_host, **ckpt)
     batches = ShardedBatches(
-        len(data.y_train), int(cfg.train.batch_size), seed=int(cfg.seed), rank=env.rank, world_size=env.world_size
+        len(data.y_train), int(cfg.train.batch_size), seed=int(cfg.seed), rank=mesh.dp_rank, world_size=mesh.dp
     )
     x_cf, y_cf = val_subset(data, int(cfg.train.eval_batch))
     val_loss_fn = lambda: evaluate(model, x_cf, y_cf)[0]  # noqa: E731  same val batch on every rank
@@ -177,11 +220,13 @@ def _run(cfg: Any, env: DistEnv, device: torch.device) -> dict:
         config=OmegaConf.to_container(cfg, resolve=True),
         resume_step=start if resume_from is not None else None,
     )
+    # every rank evaluates when the forward itself is collective (tensor-parallel host layers)
+    evaluates = env.is_main or mesh.seed > 1
+    stages = global_stages(gather_ranks(layers, mesh, optimizers)) if layers else {}
 
     steps, interval = int(cfg.train.steps), int(cfg.controller.interval)
     log_every, ckpt_every = int(cfg.train.log_every), int(cfg.checkpoint.every)
     rec_weight = float(cfg.train.rec_weight)
-    prev_host = extra.get("prev_host", _flat_host(host_params)).to(device)
     bar = tqdm(
         range(start, steps),
         total=steps,
@@ -191,6 +236,7 @@ def _run(cfg: Any, env: DistEnv, device: torch.device) -> dict:
         desc="train",
     )
     loss = torch.zeros(())
+    losses = []
     for step in bar:
         done = step + 1
         model.train()
@@ -204,83 +250,97 @@ def _run(cfg: Any, env: DistEnv, device: torch.device) -> dict:
         optimizers.zero_grad()
         total.backward()
         at_interval = bool(layers) and done % interval == 0
-        grad_norm = _grad_norm(host_params) if at_interval else 0.0
+        grad_sq = host_square_sums(host_named, None, mesh, grads=True) if at_interval else None
         optimizers.step()
         for layer in layers.values():
             schedule.step_(layer)
         tick_(layers)
+        if record is not None:
+            losses.append((done, loss.detach()))
 
         if at_interval:
-            now_host = _flat_host(host_params)
-            drift = float((now_host - prev_host).norm() / prev_host.norm().clamp_min(1e-12))
-            prev_host = now_host
-            _controller_interval(
+            drift_sq = host_square_sums(host_named, prev_host, mesh, grads=False)
+            prev_host = snapshot_host(host_named)
+            stages = _controller_interval(
                 done,
                 layers,
+                mesh,
                 controller,
                 schedule,
                 optimizers,
                 val_loss_fn,
                 log,
-                HostSignals(weight_drift=drift, grad_norm=grad_norm),
+                torch.cat([grad_sq, drift_sq]),
+                record,
             )
-        if log_every and (done % log_every == 0 or done == steps) and env.is_main:
+        if log_every and (done % log_every == 0 or done == steps) and evaluates:
             val_loss, val_acc = evaluate(model, data.x_val, data.y_val)
             acc = float((logits.argmax(1) == data.y_train[idx]).float().mean())
             metrics = {"train/loss": float(loss.detach()), "train/acc": acc, "val/loss": val_loss, "val/acc": val_acc}
             if layers:
-                metrics.update({f"stages/{k}": v for k, v in stage_counts(layers).items() if v})
+                metrics.update({f"stages/{k}": v for k, v in stage_counts(stages).items() if v})
             log.metrics(done, metrics)
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}", val_acc=f"{val_acc:.3f}")
         save_now = (ckpt_every and done % ckpt_every == 0) or (done == steps and cfg.checkpoint.save_final)
-        if save_now and env.is_main:
-            checkpoint.save(
-                checkpoint.checkpoint_path(run_dir, done),
-                step=done,
-                model=model,
-                optimizers=optimizers,
-                controller=controller,
-                extra={"prev_host": prev_host.cpu()},
-            )
+        if save_now:
+            path = checkpoint.checkpoint_path(run_dir, done)
+            checkpoint.save(path, step=done, controller=controller, prev_host=prev_host, **ckpt)
     bar.close()
 
     val_loss, val_acc = evaluate(model, data.x_val, data.y_val)
-    states = {name: [Stage(s).name for s in layer.stage.tolist()] for name, layer in layers.items()}
-    digest = seed_state_digest(layers)
-    grown = seed_params(layers, set(BLENDED_STAGES))
+    ranks = gather_ranks(layers, mesh, optimizers)
+    stages = global_stages(ranks)
+    by_shard: dict[int, set] = {}
+    for r in ranks:
+        by_shard.setdefault(r["seed_rank"], set()).add(r["seed_state_digest"])
+    shard_digests = [sorted(by_shard[s])[0] for s in sorted(by_shard)]
+    digest = (
+        shard_digests[0]
+        if len(shard_digests) == 1
+        else hashlib.blake2b("|".join(shard_digests).encode(), digest_size=12).hexdigest()
+    )
+    per_seed = {name: layer.bank.p0[0].numel() + layer.bank.p1[0].numel() for name, layer in layers.items()}
+    grown = sum(per_seed[n] * sum(Stage(s) in BLENDED_STAGES for s in seq) for n, seq in stages.items())
     summary = {
         "val_loss": val_loss,
         "val_acc": val_acc,
         "train_loss": float(loss.detach()),
-        "stage_counts": stage_counts(layers),
-        "seed_states": states,
+        "stage_counts": stage_counts(stages),
+        "seed_states": {name: [Stage(s).name for s in seq] for name, seq in stages.items()},
         "seed_state_digest": digest,
-        "seeds_identical_across_ranks": all_equal(digest),
+        "seeds_identical_across_ranks": all(len(v) == 1 for v in by_shard.values()),
         "steps": steps,
         "world_size": env.world_size,
         "sharding": mesh.mode,
-        "params": count_params(model),
-        "host_params": host_param_count,
+        "mesh": {"dp": mesh.dp, "seed": mesh.seed},
+        "ranks": [{k: v for k, v in r.items() if k != "stages"} for r in ranks],
+        "params": b["host_param_count"] + b["bank_params"],
+        "host_params": b["host_param_count"],
         "grown_params": grown,
-        "effective_params": host_param_count + grown,
-        "active_seeds": sum(
-            int(layer.stage.tolist().count(int(s))) for layer in layers.values() for s in ACTIVE_STAGES
-        ),
+        "effective_params": b["host_param_count"] + grown,
+        "active_seeds": sum(Stage(s) in ACTIVE_STAGES for seq in stages.values() for s in seq),
         "backend": str(cfg.kernel.backend),
         "device": str(device),
         "run_dir": os.path.abspath(run_dir),
         "runtime_s": time.time() - t0,
     }
-    log.finish(summary, {name: layer.stage.tolist() for name, layer in layers.items()})
+    if record is not None:
+        record["losses"] = [(s, float(v)) for s, v in losses]
+    log.finish(summary, stages)
     return summary
 
 
-def _controller_interval(step, layers, controller, schedule, optimizers, val_loss_fn, log, host: HostSignals) -> None:
-    report = build_report(layers, step)
+def _controller_interval(
+    step, layers, mesh, controller, schedule, optimizers, val_loss_fn, log, host_sums, record
+) -> dict[str, list[int]]:
+    """One controller interval; returns the global post-decision stages (layer -> per-seed stage ids)."""
+    report = build_report(layers, step, dp=mesh.dp, extras=host_sums)
+    grad_sq, drift_sq, prev_sq = report.extras
+    host = HostSignals(weight_drift=math.sqrt(drift_sq) / max(math.sqrt(prev_sq), 1e-12), grad_norm=math.sqrt(grad_sq))
     measure_counterfactuals(layers, report, val_loss_fn, controller=controller)
     decisions = controller.decide(report, step)
     apply_decisions(layers, decisions, step, schedule)
-    verify_same_decisions(decisions_checksum(decisions, layers), step)
+    verify_same_decisions(decisions_checksum(decisions, layers, report), step)
     for d in decisions:
         if d.target is not None and owns(layers[d.layer], d.seed):
             optimizers.reset_seed(d.layer, local_index(layers[d.layer], d.seed))
@@ -289,7 +349,15 @@ def _controller_interval(step, layers, controller, schedule, optimizers, val_los
     events = [d.to_event(step) for d in decisions]
     for e in events:
         e["host"] = {"weight_drift": host.weight_drift, "grad_norm": host.grad_norm}
-    log.interval(step, report, events, {name: layer.stage.tolist() for name, layer in layers.items()})
+    stages = {name: [int(s.stage) for s in report.layer_seeds(name)] for name in report.layers}
+    for d in decisions:
+        if d.target is not None:
+            stages[d.layer][d.seed] = int(d.target)
+    log.interval(step, report, events, stages)
+    if record is not None:
+        record.setdefault("tables", []).append((step, report.table.clone()))
+        record.setdefault("events", []).extend(events)
+    return stages
 
 
 if __name__ == "__main__":

@@ -30,7 +30,8 @@ def _cli(*args: str, cwd: str | None = None) -> subprocess.CompletedProcess:
     [
         (["train.stepz=5"], "train.stepz"),  # unknown key
         (["model.embedd=4"], "model.embedd"),  # unknown key inside a group
-        (["sharding=seed"], "sharding"),  # unknown group option (seed sharding: a later issue)
+        (["sharding=tensor"], "sharding"),  # unknown group option
+        (["model=cnn", "sharding=seed"], "sharding.mode"),  # cnn: data parallel only
         (["model=resnet"], "model"),
         (["kernel.block_rows=48"], "kernel.block_rows"),  # not a power of two
         (["seeds.per_layer=3"], "seeds.per_layer"),  # does not divide the width

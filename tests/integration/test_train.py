@@ -66,7 +66,7 @@ def test_resume_matches_uninterrupted_run(tmp_path):
 def test_resume_from_explicit_checkpoint(tmp_path):
     straight = _run(tmp_path / "a", "train.steps=60", "logger=none")
     _run(tmp_path / "b", "train.steps=60", "logger=none", "checkpoint.every=30")
-    ckpt = tmp_path / "b" / "checkpoints" / "step_0000030.pt"
+    ckpt = tmp_path / "b" / "checkpoints" / "step_0000030"  # a torch.distributed.checkpoint directory
     resumed = _run(tmp_path / "c", "train.steps=60", "logger=none", f"checkpoint.resume={ckpt}")
     assert resumed["val_loss"] == straight["val_loss"] and resumed["seed_states"] == straight["seed_states"]
 

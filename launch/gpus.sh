@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# One node, N GPUs (NCCL, one process per GPU). Every argument after N is a Hydra override.
+#   bash launch/gpus.sh 1                       # the default job on one GPU
+#   bash launch/gpus.sh 8 sharding=hybrid sharding.seed_degree=2
+set -euo pipefail
+NGPU="${1:?usage: launch/gpus.sh NGPU [hydra overrides...]}"
+shift
+exec python -m torch.distributed.run --standalone --nproc_per_node="$NGPU" -m morpho_dist.train \
+  train.device=cuda "$@"
