@@ -71,8 +71,9 @@ def advance(layer: SeededLayer, seed: int, step: int) -> Stage:
 def cull(layer: SeededLayer, seed: int, step: int, embargo_steps: int = 0) -> None:
     """-> CULLED; the seed may be recycled to DORMANT from step ``step + embargo_steps`` on."""
     i = local_index(layer, seed)
+    until = layer.check_step(int(step) + int(embargo_steps), "step + embargo_steps")  # before any write
     layer.apply_stage_changes([(i, Stage.CULLED)], step, "cull")
-    layer.embargo_until[i] = int(step) + int(embargo_steps)
+    layer.embargo_until[i] = until
 
 
 def cancel(layer: SeededLayer, seed: int, step: int) -> None:

@@ -14,6 +14,8 @@ from morpho_dist.kernels.options import KernelOptions
 from morpho_dist.lifecycle import STATE_FIELDS, IllegalTransition, SeedState, Stage, check_transition
 from morpho_dist.ops import check_backend, seeded
 
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+
 
 class SeededLayer(nn.Module):
     """Watches x[..., hidden] with ``num_seeds`` seeds (this rank's shard: global seeds
@@ -94,6 +96,13 @@ class SeededLayer(nn.Module):
         """Host copy of the stages (one device->host copy)."""
         return [Stage(s) for s in self.stage.tolist()]
 
+    @staticmethod
+    def check_step(value: int, name: str = "step") -> int:
+        """Steps are stored as int32 (steps_in_stage, embargo_until, germinated_at): refuse what does not fit."""
+        if not _INT32_MIN <= int(value) <= _INT32_MAX:
+            raise ValueError(f"{name}={value} does not fit the int32 step counters ({_INT32_MIN}..{_INT32_MAX})")
+        return int(value)
+
     def _check_index(self, index: int) -> int:
         if not 0 <= index < self.num_seeds:
             raise ValueError(f"seed index {index} out of range for layer {self.layer_key!r}: 0..{self.num_seeds - 1}")
@@ -103,8 +112,11 @@ class SeededLayer(nn.Module):
     def germinate(self, index: int, step: int, blend: str | int | None = None) -> None:
         """DORMANT -> GERMINATED: bump the generation and re-draw the seed's blueprint slice."""
         i = self._check_index(index)
+        step = self.check_step(step)
         src = int(self.stage[i])
         check_transition(self.seed_offset + i, src, Stage.GERMINATED, "germinate")
+        if blend is not None and not isinstance(blend, (str, int)):
+            raise ValueError(f"blend must be a name {list(BLEND_NAMES)} or an integer id, got {blend!r}")
         b = self.default_blend if blend is None else (blend_id(blend) if isinstance(blend, str) else int(blend))
         if not 0 <= b < NUM_BLENDS:
             raise ValueError(f"blend id {b} out of range; allowed ids: 0..{NUM_BLENDS - 1}")
@@ -120,6 +132,14 @@ class SeededLayer(nn.Module):
         """Apply a batch of (local index, new stage) moves: all are checked first, so a refused batch changes
         nothing. Re-entering DORMANT from CULLED needs the seed's embargo to have passed."""
         changes = [(self._check_index(i), Stage(s)) for i, s in changes]
+        seen: set[int] = set()
+        for i, _ in changes:
+            if i in seen:  # each move is checked against the stage before the batch: one move per seed
+                raise IllegalTransition(
+                    f"seed {self.seed_offset + i}: command {command!r} names it twice in one batch; "
+                    "apply one stage change per seed at a time"
+                )
+            seen.add(i)
         current = self.stage.tolist()
         embargo = self.embargo_until.tolist()
         for i, dst in changes:

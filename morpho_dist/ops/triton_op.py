@@ -15,21 +15,43 @@ from morpho_dist.kernels import launch
 from morpho_dist.kernels.options import KernelOptions
 
 
+def _contiguous_state(stage, blend, alpha, p0, p1):
+    # The kernels index seed state and parameters with unit stride.
+    return stage.contiguous(), blend.contiguous(), alpha.contiguous(), p0.contiguous(), p1.contiguous()
+
+
+def _with_telemetry(telemetry, fn):
+    """Run fn on a contiguous telemetry buffer (the kernels write it at unit stride); copy back a strided view."""
+    if telemetry is None or telemetry.is_contiguous():
+        return fn(telemetry)
+    dense = telemetry.contiguous()
+    out = fn(dense)
+    telemetry.copy_(dense)
+    return out
+
+
 def _forward_impl(x, stage, blend, alpha, p0, p1, telemetry, kind, act, dead_eps, opts):
     hidden = x.shape[-1]
-    y2, rec_loss = launch.seeded_forward(
-        x.reshape(-1, hidden).contiguous(), stage, blend, alpha, p0.contiguous(), p1.contiguous(), telemetry,
-        kind=kind, act=act, dead_eps=dead_eps, opts=opts,
-    )  # fmt: skip
+    state = _contiguous_state(stage, blend, alpha, p0, p1)
+    y2, rec_loss = _with_telemetry(
+        telemetry,
+        lambda tel: launch.seeded_forward(
+            x.reshape(-1, hidden).contiguous(), *state, tel, kind=kind, act=act, dead_eps=dead_eps, opts=opts
+        ),
+    )
     return y2.view(x.shape), rec_loss
 
 
 def _backward_impl(dy, drec, x, stage, blend, alpha, p0, p1, telemetry, kind, act, opts):
     hidden = x.shape[-1]
-    dx2, dp0, dp1 = launch.seeded_backward(
-        x.reshape(-1, hidden).contiguous(), dy.reshape(-1, hidden).contiguous(), drec,
-        stage, blend, alpha, p0.contiguous(), p1.contiguous(), telemetry, kind=kind, act=act, opts=opts,
-    )  # fmt: skip
+    x2, dy2 = x.reshape(-1, hidden).contiguous(), dy.reshape(-1, hidden).contiguous()
+    stage, blend, alpha, p0, p1 = _contiguous_state(stage, blend, alpha, p0, p1)
+    dx2, dp0, dp1 = _with_telemetry(
+        telemetry,
+        lambda tel: launch.seeded_backward(
+            x2, dy2, drec, stage, blend, alpha, p0, p1, tel, kind=kind, act=act, opts=opts
+        ),
+    )
     return dx2.view(x.shape), dp0, dp1
 
 

@@ -283,7 +283,7 @@ LifecycleMachine.TestCase.settings = settings(
 TestLifecycle = LifecycleMachine.TestCase
 
 
-# ---- bugs found by the machine, kept as strict xfails (they turn into failures once fixed: drop the marker) ------
+# ---- regressions: bugs the state machine found ----------------------------------------------------------------
 
 
 def _training_layer() -> SeededLayer:
@@ -293,12 +293,6 @@ def _training_layer() -> SeededLayer:
     return layer
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=pytest.fail.Exception,  # DID NOT RAISE
-    reason="apply_stage_changes checks every move against the pre-batch stage, so a batch with a repeated index "
-    "runs TRAINING -> ROLLED_BACK -> GRAFTING (out of a terminal stage) without a refusal",
-)
 def test_duplicate_index_batch_cannot_leave_a_terminal_stage():
     layer = _training_layer()
     before = snapshot(layer)
@@ -307,12 +301,6 @@ def test_duplicate_index_batch_cannot_leave_a_terminal_stage():
     assert changed_keys(layer, before) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="cull writes embargo_until (int32) after the stage change: an overflowing step + embargo_steps raises "
-    "RuntimeError and leaves the seed CULLED",
-)
 def test_cull_with_overflowing_embargo_is_refused_cleanly():
     layer = _training_layer()
     before = snapshot(layer)
@@ -321,12 +309,6 @@ def test_cull_with_overflowing_embargo_is_refused_cleanly():
     assert changed_keys(layer, before) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="germinate writes generation and re-draws the blueprint before germinated_at (int32): a step >= 2**31 "
-    "raises RuntimeError with the generation already bumped",
-)
 def test_germinate_with_overflowing_step_is_refused_cleanly():
     layer = SeededLayer(8, 2, kind="diagonal", blend="linear", backend="reference", layer_key="bug")
     before = snapshot(layer)
