@@ -108,6 +108,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench_op.json")
     ap.add_argument("--quick", action="store_true", help="fp32 only, no torch.compile peer")
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--block-rows", type=int, default=KernelOptions.block_rows)
     ap.add_argument("--block-cols", type=int, default=KernelOptions.block_cols)
@@ -122,7 +124,8 @@ def main() -> None:
     opts = KernelOptions(args.block_rows, args.block_cols, args.num_warps, False, args.dot_precision)
     ref_compiled = torch.compile(seeded_reference, dynamic=False)
     rows = []
-    dtypes = [torch.float32] if args.quick else [torch.float32, torch.bfloat16]
+    dtypes = [torch.float32] if args.quick else [getattr(torch, d) for d in args.dtypes.split(",")]
+    with_compile = not (args.quick or args.no_compile)
     for name in args.workloads.split(","):
         t, n, c, kind, rank = WORKLOADS[name]
         for mix, dtype, mode in itertools.product(("dormant", "third"), dtypes, ("fwd", "fwd+bwd")):
@@ -152,7 +155,7 @@ def main() -> None:
                 profile_call(ours, label)
             t_eager = bench(make_call(seeded_reference, inputs, kind, grad, dy, check_ids=False))
             t_comp = float("nan")
-            if not args.quick:
+            if with_compile:
                 try:
                     t_comp = bench(make_call(ref_compiled, inputs, kind, grad, dy, check_ids=False))
                 except Exception as e:  # noqa: BLE001  a peer that fails to compile is reported, not fatal
