@@ -106,9 +106,9 @@ class ShardingConfig:
 class KernelConfig:
     backend: str = "auto"
     deterministic: bool = False
-    block_rows: int = 16
-    block_cols: int = 128
-    num_warps: int = 4
+    block_rows: int = 32
+    block_cols: int = 64
+    num_warps: int = 2
     dot_precision: str = "ieee"
 
 
@@ -159,6 +159,18 @@ class CheckpointConfig:
     every: int = 0  # save every N steps (0: only when the run ends)
     resume: str | None = None  # a checkpoint path, a run dir, or "auto" (the run dir's latest checkpoint)
     save_final: bool = True
+    keep: int = 3  # complete checkpoints kept in <run_dir>/checkpoints (the newest; 0: all)
+
+
+@dataclass
+class ReliabilityConfig:
+    """Faults and divergence (morpho_dist/reliability.py; README "Failure behaviour")."""
+
+    skip_nonfinite: bool = True  # a step whose host loss is non-finite changes no parameter (device-side flag)
+    divergence_factor: float = 10.0  # host divergence: interval mean loss > factor x recent mean (0: only NaN)
+    window: int = 5  # intervals in the recent mean
+    max_rollbacks: int = 3  # restores of the last good checkpoint before the run stops
+    collective_timeout_s: float = 600.0  # process-group timeout: a lost or desynchronised rank never hangs
 
 
 @dataclass
@@ -177,6 +189,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    reliability: ReliabilityConfig = field(default_factory=ReliabilityConfig)
 
 
 SCHEMAS: dict[str, Any] = {
@@ -237,6 +250,8 @@ POSITIVE = (
     "controller.interval",
     "controller.patience_k",
     "schedule.ramp_steps",
+    "reliability.window",
+    "reliability.collective_timeout_s",
 )
 NON_NEGATIVE = (
     "train.eval_batch",
@@ -245,6 +260,8 @@ NON_NEGATIVE = (
     "optim.weight_decay",
     "controller.max_active",
     "controller.embargo_steps",
+    "checkpoint.keep",
+    "reliability.divergence_factor",
 )
 POW2 = ("kernel.block_rows", "kernel.block_cols", "kernel.num_warps")
 
@@ -293,6 +310,8 @@ def validate(cfg: Any) -> None:
         value = _get(cfg, key)
         if not _is_pow2(value):
             raise ConfigError(f"{key}={value!r} must be a power of two")
+    if cfg.reliability.max_rollbacks < 0:
+        raise ConfigError(f"reliability.max_rollbacks={cfg.reliability.max_rollbacks} must be >= 0")
     if cfg.kernel.block_rows < 16:
         raise ConfigError(f"kernel.block_rows={cfg.kernel.block_rows} must be >= 16 (tl.dot tiles)")
     if cfg.kernel.num_warps > 32:

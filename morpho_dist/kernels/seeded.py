@@ -78,8 +78,8 @@ def _lowrank_weights(a_ptr, b_ptr, seeds, fmask, c, group, N, C, R, SPP: tl.cons
 
 @triton.jit
 def _fold(v, SPP: tl.constexpr, CP: tl.constexpr):
-    """[rows, band] partial sums -> per-seed sums."""
-    return tl.sum(tl.reshape(tl.sum(v, axis=0), [SPP, CP]), axis=1)
+    """Per-column partial sums -> per-seed sums."""
+    return tl.sum(tl.reshape(v, [SPP, CP]), axis=1)
 
 
 @triton.jit
@@ -98,11 +98,11 @@ def _seeded_fwd_kernel(
     bl, training, blended, _trainable, reconstruct, a_eff = _seed_flags(stage_ptr, blend_ptr, alpha_ptr, seeds, N)
     active = training | blended
     any_active = tl.max(active.to(tl.int32), axis=0) > 0
-    acc_sum = tl.zeros([BLOCK_T, SPP * CP], tl.float32)
-    acc_sq = tl.zeros([BLOCK_T, SPP * CP], tl.float32)
-    acc_dead = tl.zeros([BLOCK_T, SPP * CP], tl.float32)
-    acc_max = tl.zeros([BLOCK_T, SPP * CP], tl.float32)
-    acc_delta = tl.zeros([BLOCK_T, SPP * CP], tl.float32)
+    acc_sum = tl.zeros([SPP * CP], tl.float32)
+    acc_sq = tl.zeros([SPP * CP], tl.float32)
+    acc_dead = tl.zeros([SPP * CP], tl.float32)
+    acc_max = tl.zeros([SPP * CP], tl.float32)
+    acc_delta = tl.zeros([SPP * CP], tl.float32)
     for c0 in range(0, C, CP):  # lowrank: CP >= C, one pass
         seeds, fmask, feats = _band(group, N, C, c0, SPP, CP, DENSE)
         if KIND == 0:
@@ -119,10 +119,10 @@ def _seeded_fwd_kernel(
             xr = tl.load(x_ptr + ptrs, mask=m, other=0.0)
             x = xr.to(tl.float32)
             ax = tl.abs(x)
-            acc_sum += x
-            acc_sq += x * x
-            acc_dead += tl.where(m & (ax <= dead_eps), 1.0, 0.0)
-            acc_max = tl.maximum(acc_max, ax)
+            acc_sum += tl.sum(x, axis=0)
+            acc_sq += tl.sum(x * x, axis=0)
+            acc_dead += tl.sum(tl.where(m & (ax <= dead_eps), 1.0, 0.0), axis=0)
+            acc_max = tl.maximum(acc_max, tl.max(ax, axis=0))
             out = xr  # idle and TRAINING seeds: y is x, bit for bit
             if any_active:
                 if KIND == 0:
@@ -132,7 +132,7 @@ def _seeded_fwd_kernel(
                     u = g[None, :] * x + b[None, :]
                 z = _blend(x, u, a_eff[None, :], bl[None, :])
                 d = tl.where(m & active[None, :], z - x, 0.0)
-                acc_delta += d * d
+                acc_delta += tl.sum(d * d, axis=0)
                 out = tl.where(blended[None, :], z.to(xr.dtype), xr)
             tl.store(y_ptr + ptrs, out, mask=m)
     # per-seed results of this program
@@ -153,7 +153,7 @@ def _seeded_fwd_kernel(
         _put(p + 1, _fold(acc_sum, SPP, CP), omask, USE_ATOMICS, False)
         _put(p + 2, _fold(acc_sq, SPP, CP), omask, USE_ATOMICS, False)
         _put(p + 3, _fold(acc_dead, SPP, CP), omask, USE_ATOMICS, False)
-        _put(p + 4, tl.max(tl.reshape(tl.max(acc_max, axis=0), [SPP, CP]), axis=1), omask, USE_ATOMICS, True)
+        _put(p + 4, tl.max(tl.reshape(acc_max, [SPP, CP]), axis=1), omask, USE_ATOMICS, True)
         _put(p + 7, delta, omask, USE_ATOMICS, False)
 
 
@@ -175,8 +175,8 @@ def _seeded_bwd_kernel(
     active = training | blended
     any_active = tl.max(active.to(tl.int32), axis=0) > 0
     drec_scaled = tl.load(drec_ptr) * inv_count
-    acc_gsq = tl.zeros([BLOCK_T, SPP * CP], tl.float32)
-    acc_ben = tl.zeros([BLOCK_T, SPP * CP], tl.float32)
+    acc_gsq = tl.zeros([SPP * CP], tl.float32)
+    acc_ben = tl.zeros([SPP * CP], tl.float32)
     grad_base = split * grad_split_stride
     for c0 in range(0, C, CP):  # lowrank: CP >= C, one pass
         seeds, fmask, feats = _band(group, N, C, c0, SPP, CP, DENSE)
@@ -197,7 +197,7 @@ def _seeded_bwd_kernel(
             ptrs = rows[:, None].to(tl.int64) * H + feats[None, :]
             dyr = tl.load(dy_ptr + ptrs, mask=m, other=0.0)
             dy = dyr.to(tl.float32)
-            acc_gsq += dy * dy
+            acc_gsq += tl.sum(dy * dy, axis=0)
             out = dyr  # idle and TRAINING seeds: dx is dy, bit for bit
             if any_active:
                 x = tl.load(x_ptr + ptrs, mask=m, other=0.0).to(tl.float32)
@@ -209,7 +209,7 @@ def _seeded_bwd_kernel(
                     u = g[None, :] * x + b[None, :]
                 th = _tanh(u)
                 ben = dy * _blend_full_delta(x, u, th, bl[None, :])
-                acc_ben += tl.where(m & active[None, :], ben, 0.0)
+                acc_ben += tl.sum(tl.where(m & active[None, :], ben, 0.0), axis=0)
                 gx, gu = _blend_grads(x, th, dy, a_eff[None, :], bl[None, :])
                 du = tl.where(reconstruct[None, :], drec_scaled * (u - x), gu)
                 du = tl.where(m & active[None, :], du, 0.0)

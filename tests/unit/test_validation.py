@@ -219,7 +219,7 @@ def test_backend_resolution(monkeypatch):
 
 def test_kernel_options_defaults_are_valid():
     o = KernelOptions()
-    assert (o.block_rows, o.block_cols, o.num_warps, o.deterministic) == (16, 128, 4, False)
+    assert (o.block_rows, o.block_cols, o.num_warps, o.deterministic) == (32, 64, 2, False)
     KernelOptions(block_rows=16, block_cols=16, num_warps=1, deterministic=True, dot_precision="tf32")
 
 
