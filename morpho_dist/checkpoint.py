@@ -1,11 +1,17 @@
 """Save and resume with torch.distributed.checkpoint (DCP), in a layout that does not depend on the mesh.
 
 ``<run_dir>/checkpoints/step_<k>/`` is a DCP checkpoint (``.metadata`` + ``*.distcp``), written by every rank
-together. Every tensor is stored in its global view (morpho_dist.sharding): tensor-parallel host parameters
-and their optimizer state as DTensors, each seeded layer's per-seed state, blueprint bank and seed-optimizer
-state as one tensor of the whole population (seed shards are DTensor Shard(0) pieces of it), replicated
-tensors once. Loading fills the live tensors of whatever mesh the resuming run has, so a checkpoint saved
-under ``sharding=seed`` on 2 ranks loads on 1 rank, under ``data``, ``hybrid``, and the reverse.
+together into ``step_<k>.tmp/``; rank 0 then writes the marker ``checkpoint.json`` (step, size and blake2b of
+every file) and renames the directory, so a ``step_<k>/`` with its marker is complete, and a crash or a failed
+save never leaves a half-written checkpoint under a final name nor touches the existing ones. The newest
+``checkpoint.keep`` complete checkpoints are kept. Loading validates the marker and the checksums first: a
+missing, incomplete or corrupt checkpoint is a ``CheckpointError`` naming the path.
+
+Every tensor is stored in its global view (morpho_dist.sharding): tensor-parallel host parameters and their
+optimizer state as DTensors, each seeded layer's per-seed state, blueprint bank and seed-optimizer state as one
+tensor of the whole population (seed shards are DTensor Shard(0) pieces of it), replicated tensors once.
+Loading fills the live tensors of whatever mesh the resuming run has, so a checkpoint saved under ``sharding=seed``
+on 2 ranks loads on 1 rank, under ``data``, ``hybrid``, and the reverse.
 
 Keys: ``model.<param>``, ``seeds.<layer>.<buffer or bank.p0/p1>``, ``optim.host.<param>.<state>``,
 ``optim.seeds.<layer>.<state>``, ``train.prev_host.<param>`` and ``meta`` (step, controller, RNG, extra).
@@ -18,10 +24,13 @@ summary as an uninterrupted one: batches are a function of (seed, step), and eve
 from __future__ import annotations
 
 import glob
+import hashlib
+import json
 import os
 import pickle
 import random
 import re
+import shutil
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -36,7 +45,13 @@ from morpho_dist.sharding import global_view, seed_view
 from morpho_dist.telemetry import grad_field_scale
 
 CKPT_DIR = "checkpoints"
+MARKER = "checkpoint.json"  # written last, inside the temporary directory, before the rename
+TMP_SUFFIX = ".tmp"
 _STEP_RE = re.compile(r"step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete or corrupt, or a save that failed; the message names the path."""
 
 
 def checkpoint_path(run_dir: str, step: int) -> str:
@@ -44,30 +59,90 @@ def checkpoint_path(run_dir: str, step: int) -> str:
 
 
 def is_checkpoint(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, ".metadata"))
+    """A complete checkpoint: its marker was written (after every rank's files), then it was renamed."""
+    return not str(path).endswith(TMP_SUFFIX) and os.path.isfile(os.path.join(path, MARKER))
 
 
-def latest_checkpoint(run_dir: str) -> str | None:
+def _file_digests(path: str) -> dict[str, list]:
+    """name -> [size, blake2b] of every file of a checkpoint directory but the marker."""
+    out = {}
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        if name == MARKER or not os.path.isfile(full):
+            continue
+        h = hashlib.blake2b(digest_size=16)
+        with open(full, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+        out[name] = [os.path.getsize(full), h.hexdigest()]
+    return out
+
+
+def validate(path: str) -> dict:
+    """The marker of a complete, intact checkpoint (step and file checksums); CheckpointError naming the path
+    and what is wrong otherwise."""
+    if not os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path!r} does not exist")
+    marker = os.path.join(path, MARKER)
+    if not os.path.isfile(marker):
+        raise CheckpointError(f"checkpoint {path!r} is incomplete: no {MARKER} (its write did not finish)")
+    try:
+        with open(marker) as fh:
+            meta = json.load(fh)
+        files, step = dict(meta["files"]), int(meta["step"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"checkpoint {path!r} is corrupt: unreadable {MARKER} ({err})") from None
+    found = _file_digests(path)
+    for name, (size, digest) in files.items():
+        if name not in found:
+            raise CheckpointError(f"checkpoint {path!r} is corrupt: file {name!r} is missing")
+        if found[name][0] != size or found[name][1] != digest:
+            raise CheckpointError(
+                f"checkpoint {path!r} is corrupt: file {name!r} does not match its checksum "
+                f"(size {found[name][0]}, expected {size})"
+            )
+    m = _STEP_RE.search(os.path.normpath(path))
+    if m and int(m.group(1)) != step:
+        raise CheckpointError(f"checkpoint {path!r} is corrupt: its marker says step {step}")
+    return meta
+
+
+def list_checkpoints(run_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of the complete checkpoints of a run dir, oldest first (unvalidated: see ``validate``)."""
     paths = glob.glob(os.path.join(run_dir, CKPT_DIR, "step_*"))
-    steps = [(int(m.group(1)), p) for p in paths if (m := _STEP_RE.search(p)) and is_checkpoint(p)]
-    return max(steps)[1] if steps else None
+    return sorted((int(m.group(1)), p) for p in paths if (m := _STEP_RE.search(p)) and is_checkpoint(p))
+
+
+def latest_checkpoint(run_dir: str, max_step: int | None = None) -> str | None:
+    """The newest complete checkpoint (at or before ``max_step`` when given), or None."""
+    found = [(s, p) for s, p in list_checkpoints(run_dir) if max_step is None or s <= max_step]
+    return found[-1][1] if found else None
 
 
 def resolve_resume(resume: str | None, run_dir: str) -> str | None:
-    """checkpoint.resume -> a checkpoint directory or None. ``auto``: this run dir's latest (None if there is
-    none); a checkpoint directory: itself; a run directory: its latest (error if none)."""
+    """checkpoint.resume -> a validated checkpoint directory or None. ``auto``: this run dir's latest complete
+    one (None if there is none); a checkpoint directory: itself; a run directory: its latest (error if none).
+    A corrupt one is an error naming it (never silently skipped: pass an older one explicitly)."""
     if resume in (None, "", "null"):
         return None
     if resume == "auto":
-        return latest_checkpoint(run_dir)
-    if os.path.isdir(resume):
-        if is_checkpoint(resume):
-            return resume
+        found = latest_checkpoint(run_dir)
+    elif os.path.isdir(resume) and (is_checkpoint(resume) or _STEP_RE.search(os.path.normpath(resume))):
+        found = resume
+    elif os.path.isdir(resume):
         found = latest_checkpoint(resume)
         if found is None:
             raise FileNotFoundError(f"checkpoint.resume={resume!r}: no {CKPT_DIR}/step_*/ checkpoint in that directory")
-        return found
-    raise FileNotFoundError(f"checkpoint.resume={resume!r}: no such checkpoint or run directory")
+    else:
+        raise FileNotFoundError(f"checkpoint.resume={resume!r}: no such checkpoint or run directory")
+    if found is not None:
+        try:
+            validate(found)
+        except CheckpointError as err:
+            older = [p for _, p in list_checkpoints(os.path.dirname(os.path.dirname(found))) if p != found]
+            hint = f"; the previous complete checkpoint is {older[-1]!r}" if older else ""
+            raise CheckpointError(f"checkpoint.resume={resume!r}: {err}{hint}") from None
+    return found
 
 
 def rng_state() -> dict:
@@ -148,8 +223,12 @@ def save(
     controller: Any,
     prev_host: list[torch.Tensor] | None = None,
     extra: dict | None = None,
+    keep: int = 0,
 ) -> str:
-    """Write one DCP checkpoint; every rank calls it (collective when distributed)."""
+    """Write one DCP checkpoint atomically; every rank calls it (collective when distributed). The files go to
+    ``<path>.tmp``; rank 0 adds the marker and renames it to ``path`` once every rank's files are there, then
+    keeps the newest ``keep`` checkpoints (0: all). A failed save raises CheckpointError on every rank and
+    leaves the existing checkpoints as they were."""
     sd: dict[str, Any] = state_dict(
         mesh=mesh, layers=layers, host_params=host_params, optimizers=optimizers, prev_host=prev_host
     )
@@ -162,12 +241,66 @@ def save(
             "mesh": {"mode": mesh.mode, "dp": mesh.dp, "seed": mesh.seed},
         }
     )
-    if mesh.rank == 0:
-        os.makedirs(path, exist_ok=True)
-    with warnings.catch_warnings():  # DCP says it saves "in a single process" when there is no process group
-        warnings.filterwarnings("ignore", message=".*single process.*", category=UserWarning)
-        dcp.save(sd, checkpoint_id=path)
+    tmp = path.rstrip(os.sep) + TMP_SUFFIX
+    main = mesh.rank == 0
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a save that died
+        os.makedirs(tmp)
+    _barrier()
+    try:
+        with warnings.catch_warnings():  # DCP says it saves "in a single process" when there is no process group
+            warnings.filterwarnings("ignore", message=".*single process.*", category=UserWarning)
+            dcp.save(sd, checkpoint_id=tmp)  # collective: a failure on one rank raises on every rank
+        _barrier()
+        if main:
+            _commit(tmp, path, step, keep)
+    except Exception as err:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(
+            f"saving checkpoint {path!r} failed ({type(err).__name__}: {err}); the earlier checkpoints are untouched"
+        ) from err
+    _barrier()
     return path
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _commit(tmp: str, path: str, step: int, keep: int) -> None:
+    """Rank 0, after every rank wrote its files into ``tmp``: the marker (with the files' checksums), then the
+    rename to the final name; an existing checkpoint of the same step is replaced only after that succeeded.
+    Then only the newest ``keep`` complete checkpoints (and no temporary directory) are left."""
+    with open(os.path.join(tmp, MARKER), "w") as fh:
+        json.dump({"format": 1, "step": int(step), "files": _file_digests(tmp)}, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    old = None
+    if os.path.exists(path):
+        old = f"{path}.replaced-{os.getpid()}"
+        os.rename(path, old)
+    os.rename(tmp, path)
+    _fsync_dir(os.path.dirname(path))
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    parent = os.path.dirname(path)
+    if keep > 0:
+        for _, stale in list_checkpoints(os.path.dirname(parent))[:-keep]:
+            if os.path.abspath(stale) != os.path.abspath(path):
+                shutil.rmtree(stale, ignore_errors=True)
+    for name in os.listdir(parent):
+        if name.endswith(TMP_SUFFIX) or ".replaced-" in name:
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 
 def _ensure_host_optim_state(optimizers: Any, host_params: list, saved: set[str]) -> None:
@@ -193,7 +326,9 @@ def load(
     controller: Any,
     prev_host: list[torch.Tensor] | None = None,
 ) -> tuple[int, dict]:
-    """Restore everything in place from a checkpoint saved under any mesh; returns (step, extra)."""
+    """Restore everything in place from a checkpoint saved under any mesh; returns (step, extra). The
+    checkpoint is validated first (CheckpointError naming the path when it is missing, incomplete or corrupt)."""
+    validate(path)
     saved = set(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
     _ensure_host_optim_state(optimizers, host_params, saved)
     sd: dict[str, Any] = state_dict(

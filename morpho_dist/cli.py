@@ -20,12 +20,41 @@ from morpho_dist.config import ConfigError, register_configs, validate
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 RUN_DIR_ENV = "MORPHO_RUN_DIR"
 EXIT_CONFIG = 2
+EXIT_FAULT = 3  # desynchronised ranks, a divergence that cannot be rolled back, a bad or unsaveable checkpoint
 
 register_configs()
 
 
-def one_line(err: BaseException) -> str:
-    """A one-line description of a composition or validation error that names the key or group."""
+GROUPS = tuple(sorted(d for d in os.listdir(CONF_DIR) if os.path.isdir(os.path.join(CONF_DIR, d))))
+
+
+def bad_override(overrides: list[str]) -> str | None:
+    """The first override that is wrong on its own, as one line naming its key: one Hydra's grammar rejects
+    (parsed alone), or a config group given something other than a plain option name (null, a number, an
+    interpolation). None when each override is fine alone."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for ov in overrides:
+        key = ov.split("=", 1)[0].lstrip("+~")
+        try:
+            (parsed,) = parser.parse_overrides([ov])
+        except Exception as err:  # hydra's OverrideParseException and the lexer's errors
+            reason = " ".join(str(err).split("See https://")[0].split())
+            return f"{key}: malformed override {ov!r} ({reason})"
+        if parsed.key_or_group.split("@")[0] in GROUPS and not parsed.is_delete():
+            value = parsed.value()
+            if not isinstance(value, str) or "${" in value:
+                return f"{key}={value!r}: a config group takes an option name (one of the files in conf/{key}/)"
+    return None
+
+
+def one_line(err: BaseException, overrides: list[str] | None = None) -> str:
+    """A one-line description of a composition or validation error that names the key or group (the override
+    that caused it, when ``overrides`` are given and one of them is wrong on its own)."""
+    blamed = bad_override(overrides) if overrides else None
+    if blamed:
+        return blamed
     text = str(err)
     missing = re.search(r"Could not find '([^']+)'", text)
     if missing:
@@ -56,20 +85,22 @@ def _precheck(overrides: list[str]) -> DictConfig:
     except ConfigError as err:
         _die(str(err))
     except Exception as err:  # Hydra/OmegaConf composition errors
-        _die(one_line(err))
+        _die(one_line(err, overrides))
     raise AssertionError("unreachable")
 
 
-def _die(message: str) -> None:
+def _die(message: str, code: int = EXIT_CONFIG) -> None:
     print(f"error: {message}", file=sys.stderr)
-    sys.exit(EXIT_CONFIG)
+    sys.exit(code)
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")  # <repo>/conf, absolute: works under -m
 def hydra_app(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
+    from morpho_dist.checkpoint import CheckpointError
     from morpho_dist.distributed import read_env
+    from morpho_dist.reliability import DesyncError, DivergenceError
     from morpho_dist.train import run
 
     if not cfg.run_dir:
@@ -78,6 +109,9 @@ def hydra_app(cfg: DictConfig) -> None:
         summary = run(cfg)
     except (ConfigError, FileNotFoundError, NotImplementedError) as err:
         _die(str(err))
+    except (DesyncError, DivergenceError, CheckpointError) as err:  # on every rank that meets it
+        env = read_env()
+        _die(f"rank {env.rank}: {err}" if env.distributed else str(err), EXIT_FAULT)
     if read_env().is_main:
         print(
             f"val_acc={summary['val_acc']:.4f} val_loss={summary['val_loss']:.4f} "
@@ -103,7 +137,7 @@ def main() -> None:
     created = False
     if env.distributed:
         device = distributed.pick_device(env, cfg.train.device)
-        created = distributed.init_process_group(env, device)
+        created = distributed.init_process_group(env, device, float(cfg.reliability.collective_timeout_s))
         if RUN_DIR_ENV not in os.environ and not any(o.startswith("hydra.run.dir=") for o in overrides):
             os.environ[RUN_DIR_ENV] = distributed.shared_run_dir(env)
         if not env.is_main:

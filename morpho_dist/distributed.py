@@ -12,6 +12,7 @@ that apply it to a wrapped model (seed shards, tensor parallel host layers, DDP 
 
 from __future__ import annotations
 
+import datetime
 import os
 import time
 import warnings
@@ -157,13 +158,28 @@ def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def init_process_group(env: DistEnv, device: torch.device) -> bool:
+def init_process_group(env: DistEnv, device: torch.device, timeout_s: float | None = None) -> bool:
     """Join the process group (gloo for CPU, nccl for CUDA) when there are several processes; True when this
-    call created it (the caller then destroys it)."""
+    call created it (the caller then destroys it). ``timeout_s``: every collective of the group (and of the
+    mesh's sub-groups) fails after that long instead of waiting for a lost rank forever."""
     if not env.distributed or is_initialized():
         return False
     backend = "nccl" if device.type == "cuda" else "gloo"
-    kwargs = {"device_id": device} if device.type == "cuda" else {}
+    kwargs: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
+    if timeout_s:
+        kwargs["timeout"] = datetime.timedelta(seconds=float(timeout_s))
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or "0"
+    if restart != "0" and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # a restarted torchrun attempt: the agent's store still holds the previous attempt's addresses under
+        # the same keys, so join through a prefix of this attempt's own
+        store = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            env.world_size,
+            is_master=False,
+            timeout=kwargs.get("timeout", datetime.timedelta(minutes=10)),
+        )
+        kwargs["store"] = dist.PrefixStore(f"/morpho_dist/attempt_{restart}", store)
     dist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size, **kwargs)
     return True
 
@@ -197,10 +213,21 @@ def all_equal(value: Any) -> bool:
 
 
 def shared_run_dir(env: DistEnv, root: str = "outputs") -> str:
-    """A fresh run dir chosen by rank 0 and handed to every rank (needs the process group when distributed)."""
+    """A fresh run dir chosen by rank 0 and handed to every rank (needs the process group when distributed).
+    Under torchrun, a restarted attempt (TORCHELASTIC_RESTART_COUNT > 0) gets the first attempt's dir back: rank
+    0 notes it in ``<root>/.elastic/<run id>-<agent pid>``, a name every attempt of one torchrun shares."""
     path = None
     if env.is_main:
         path = os.path.join(root, time.strftime("%Y-%m-%d"), time.strftime("%H-%M-%S"))
+        if "TORCHELASTIC_RESTART_COUNT" in os.environ:
+            note = os.path.join(root, ".elastic", f"{os.environ.get('TORCHELASTIC_RUN_ID', 'none')}-{os.getppid()}")
+            if int(os.environ["TORCHELASTIC_RESTART_COUNT"] or 0) > 0 and os.path.isfile(note):
+                with open(note) as fh:
+                    path = fh.read().strip() or path
+            else:
+                os.makedirs(os.path.dirname(note), exist_ok=True)
+                with open(note, "w") as fh:
+                    fh.write(path)
     return broadcast_object(path)
 
 

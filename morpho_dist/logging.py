@@ -188,6 +188,13 @@ class RunLog:
         self.all_events.extend(events)
         self.backend.interval(step, report, events, stages)
 
+    def events(self, events: list[dict]) -> None:
+        """Events outside a controller interval (a divergence restore and its rollbacks)."""
+        for e in events:
+            self.events_fh.write(json.dumps(_clean(e)) + "\n")
+        self.events_fh.flush()
+        self.all_events.extend(events)
+
     def finish(self, summary: dict, stages: dict[str, list[int]]) -> None:
         self.events_fh.close()
         self.telemetry_fh.close()
@@ -203,6 +210,9 @@ class NullRunLog:
         pass
 
     def interval(self, step: int, report: Any, events: list[dict], stages: dict[str, list[int]]) -> None:
+        pass
+
+    def events(self, events: list[dict]) -> None:
         pass
 
     def finish(self, summary: dict, stages: dict[str, list[int]]) -> None:

@@ -59,10 +59,13 @@ class SeedOptimizer:
             p.grad = None
 
     @torch.no_grad()
-    def step(self) -> None:
+    def step(self, ok: torch.Tensor | None = None) -> None:
+        """One update of the trainable seeds; ``ok`` (a 0-d bool on the device): when False nothing moves."""
         for key, layer in self.layers.items():
             st = self.state[key]
             mask = torch.isin(layer.stage.long(), self._ids[key])
+            if ok is not None:
+                mask = mask & ok
             st["t"].add_(mask.float())
             t = st["t"].clamp_min(1.0)
             for pname in ("p0", "p1"):
@@ -100,6 +103,32 @@ class SeedOptimizer:
                 self.state[key][name].copy_(t)
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+@torch.no_grad()
+def guarded_step(optimizer: torch.optim.Optimizer, ok: torch.Tensor) -> None:
+    """``optimizer.step()`` committed only where ``ok``: parameters and state are snapshotted and restored with
+    ``torch.where`` on the device (state created by this step is reset to zeros, which is what a fresh state
+    means to Adam and SGD). Costs two copies of the parameters and state per step; no host sync."""
+    tensors = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            tensors.append(p)
+            tensors.extend(v for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v))
+    saved = {id(t): _local(t).clone() for t in tensors}
+    optimizer.step()
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for t in [p, *(v for v in optimizer.state.get(p, {}).values() if torch.is_tensor(v))]:
+                now = _local(t)
+                before = saved.get(id(t))
+                if before is None:
+                    before = torch.zeros_like(now)
+                now.copy_(torch.where(ok.to(now.device), now, before))
+
+
 class Optimizers:
     """Host optimizer + seed optimizer behind one step / zero_grad / state_dict."""
 
@@ -112,11 +141,16 @@ class Optimizers:
         if self.seeds is not None:
             self.seeds.zero_grad()
 
-    def step(self) -> None:
+    def step(self, ok: torch.Tensor | None = None) -> None:
+        """``ok``: a 0-d bool tensor on the device; when it is False the step changes no parameter and no
+        optimizer state (decided on the device: no host synchronisation)."""
         if self.host is not None:
-            self.host.step()
+            if ok is None:
+                self.host.step()
+            else:
+                guarded_step(self.host, ok)
         if self.seeds is not None:
-            self.seeds.step()
+            self.seeds.step(ok)
 
     def reset_seed(self, layer_key: str, index: int) -> None:
         if self.seeds is not None:
@@ -156,7 +190,9 @@ def make_optimizers(
         host = torch.optim.SGD(params, lr=lr, momentum=float(optim_cfg.momentum), weight_decay=wd)
     elif name in ("adamw", "adam"):
         cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
-        host = cls(params, lr=lr, betas=tuple(optim_cfg.betas), weight_decay=wd)
+        # capturable on CUDA: the step counters live on the device, so a guarded step never syncs
+        cuda = any(p.is_cuda for p in params)
+        host = cls(params, lr=lr, betas=tuple(optim_cfg.betas), weight_decay=wd, capturable=cuda)
     else:
         raise ValueError(f"optim.name={name!r} is not known; allowed values: ['adamw', 'adam', 'sgd']")
     seeds = None

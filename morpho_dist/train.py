@@ -14,7 +14,6 @@ rank 0.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import random
@@ -30,20 +29,13 @@ from tqdm import tqdm
 from morpho_dist import checkpoint
 from morpho_dist.commands import local_index, owns, tick_
 from morpho_dist.config import validate
-from morpho_dist.controller import (
-    Controller,
-    apply_decisions,
-    decisions_checksum,
-    measure_counterfactuals,
-    verify_same_decisions,
-)
+from morpho_dist.controller import Controller, apply_decisions, measure_counterfactuals
 from morpho_dist.data import ShardedBatches, load_dataset, val_subset
 from morpho_dist.distributed import (
     DistEnv,
     Mesh,
     destroy_process_group,
     init_process_group,
-    is_initialized,
     pick_device,
     read_env,
     shared_run_dir,
@@ -51,11 +43,22 @@ from morpho_dist.distributed import (
 )
 from morpho_dist.grafting import HostSignals, make_schedule
 from morpho_dist.kernels.options import KernelOptions
-from morpho_dist.lifecycle import ACTIVE_STAGES, BLENDED_STAGES, Stage
+from morpho_dist.lifecycle import Stage
 from morpho_dist.logging import make_run_log
 from morpho_dist.models import build_model, count_params
 from morpho_dist.optim import make_optimizers
+from morpho_dist.reliability import (
+    DivergenceError,
+    DivergenceMonitor,
+    SeedGuard,
+    blending_seeds,
+    check_same_decisions,
+    hook,
+    mark_rolled_back,
+    maybe_kill,
+)
 from morpho_dist.sharding import host_square_sums, named_host_parameters, shard_model, snapshot_host
+from morpho_dist.summary import build_summary, gather_ranks, global_stages, stage_counts
 from morpho_dist.telemetry import build_report
 from morpho_dist.wrap import seeded_layers, wrap
 
@@ -95,68 +98,13 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: in
     return loss / len(y), correct / len(y)
 
 
-def seed_state_digest(layers: dict) -> str:
-    """A hash of every seed's state and blueprint parameters (not the rank-local telemetry): equal on all ranks
-    when the replicated seeds evolved identically."""
-    h = hashlib.blake2b(digest_size=12)
-    for name, layer in layers.items():
-        h.update(name.encode())
-        for key, tensor in sorted(layer.state_dict().items()):
-            if not key.endswith("telemetry"):
-                h.update(key.encode())
-                h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def stage_counts(stages: dict[str, list[int]]) -> dict[str, int]:
-    counts = {s.name: 0 for s in Stage}
-    for seq in stages.values():
-        for s in seq:
-            counts[Stage(s).name] += 1
-    return counts
-
-
-def gather_ranks(layers: dict, mesh: Mesh, optimizers) -> list[dict]:
-    """Every rank's seed shard: global seed ranges, local stages, bytes of blueprint / optimizer state and a
-    digest of its seeds' state (one all_gather_object; a list of one entry in a single process)."""
-    seeds_opt = optimizers.seeds.state if optimizers.seeds is not None else {}
-    host_opt = optimizers.host.state if optimizers.host is not None else {}
-    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts if torch.is_tensor(t))  # noqa: E731
-    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731
-    info = {
-        "rank": mesh.rank,
-        "dp_rank": mesh.dp_rank,
-        "seed_rank": mesh.seed_rank,
-        "seed_ranges": {n: [layer.seed_offset, layer.seed_offset + layer.num_seeds] for n, layer in layers.items()},
-        "blueprint_bytes": nbytes(p for layer in layers.values() for p in layer.bank.parameters()),
-        "seed_optimizer_bytes": nbytes(t for st in seeds_opt.values() for t in st.values()),
-        "host_optimizer_bytes": nbytes(local(t) for st in host_opt.values() for t in st.values()),
-        "stages": {n: layer.stage.tolist() for n, layer in layers.items()},
-        "seed_state_digest": seed_state_digest(layers),
-    }
-    if not is_initialized():
-        return [info]
-    out: list = [None] * mesh.world_size
-    torch.distributed.all_gather_object(out, info)
-    return out
-
-
-def global_stages(ranks: list[dict]) -> dict[str, list[int]]:
-    """Layer -> stage of every global seed, assembled from the dp-rank-0 shards."""
-    out: dict[str, list[int]] = {}
-    for info in sorted((r for r in ranks if r["dp_rank"] == 0), key=lambda r: r["seed_rank"]):
-        for name, seq in info["stages"].items():
-            out.setdefault(name, []).extend(seq)
-    return out
-
-
 def run(cfg: Any, record: dict | None = None) -> dict:
     """Train as configured; returns the summary (also written to <run_dir>/summary.json by rank 0).
     ``record`` (tests): filled with this rank's per-step losses, per-interval telemetry tables and decisions."""
     validate(cfg)
     env = read_env()
     device = pick_device(env, cfg.train.device)
-    created = init_process_group(env, device)
+    created = init_process_group(env, device, float(cfg.reliability.collective_timeout_s))
     try:
         return _run(cfg, env, device, record)
     finally:
@@ -203,11 +151,23 @@ def _run(cfg: Any, env: DistEnv, device: torch.device, record: dict | None) -> d
     schedule = make_schedule(cfg.schedule)
     prev_host = snapshot_host(host_named)
     ckpt = {"mesh": mesh, "layers": layers, "host_params": host_named, "optimizers": optimizers}
+    rel = cfg.reliability
+    guard = SeedGuard(layers, int(controller.cfg.embargo_steps) if controller else 0, device)
+    monitor = DivergenceMonitor(rel)
+
+    def restore(path: str) -> int:
+        at, extra = checkpoint.load(path, controller=controller, prev_host=prev_host, **ckpt)
+        monitor.load_state_dict(extra.get("reliability"))
+        guard.reset()
+        return at
 
     start = 0
-    resume_from = checkpoint.resolve_resume(cfg.checkpoint.resume, run_dir)
+    resume = cfg.checkpoint.resume
+    if resume in (None, "", "null") and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
+        resume = "auto"  # a worker restarted by torchrun continues from the run dir's latest checkpoint
+    resume_from = checkpoint.resolve_resume(resume, run_dir)
     if resume_from is not None:
-        start, _ = checkpoint.load(resume_from, controller=controller, prev_host=prev_host, **ckpt)
+        start = restore(resume_from)
     batches = ShardedBatches(
         len(data.y_train), int(cfg.train.batch_size), seed=int(cfg.seed), rank=mesh.dp_rank, world_size=mesh.dp
     )
@@ -227,31 +187,30 @@ def _run(cfg: Any, env: DistEnv, device: torch.device, record: dict | None) -> d
     steps, interval = int(cfg.train.steps), int(cfg.controller.interval)
     log_every, ckpt_every = int(cfg.train.log_every), int(cfg.checkpoint.every)
     rec_weight = float(cfg.train.rec_weight)
-    bar = tqdm(
-        range(start, steps),
-        total=steps,
-        initial=start,
-        disable=not (env.is_main and cfg.train.progress),
-        dynamic_ncols=True,
-        desc="train",
-    )
+    bar = tqdm(total=steps, initial=start, disable=not (env.is_main and cfg.train.progress), dynamic_ncols=True)
     loss = torch.zeros(())
     losses = []
-    for step in bar:
+    step = start
+    while step < steps:
+        maybe_kill(step, env.rank, run_dir)
+        hook("before_step", step, {"layers": layers, "model": model, "mesh": mesh, "optimizers": optimizers})
         done = step + 1
         model.train()
+        guard.before_forward(done)
         idx = batches.indices(step).to(device)
         logits = ddp(data.x_train[idx])
-        loss = F.cross_entropy(logits, data.y_train[idx])
+        loss = hook("loss", step, F.cross_entropy(logits, data.y_train[idx]))
         total = loss
         for layer in layers.values():
             if layer.rec_loss is not None:
                 total = total + rec_weight * layer.rec_loss
         optimizers.zero_grad()
         total.backward()
+        finite = guard.after_backward(loss, done, host_named)  # seed culls and loss accounting, on the device
+        ok = finite if rel.skip_nonfinite else None
         at_interval = bool(layers) and done % interval == 0
         grad_sq = host_square_sums(host_named, None, mesh, grads=True) if at_interval else None
-        optimizers.step()
+        optimizers.step(ok)
         for layer in layers.values():
             schedule.step_(layer)
         tick_(layers)
@@ -261,18 +220,15 @@ def _run(cfg: Any, env: DistEnv, device: torch.device, record: dict | None) -> d
         if at_interval:
             drift_sq = host_square_sums(host_named, prev_host, mesh, grads=False)
             prev_host = snapshot_host(host_named)
-            stages = _controller_interval(
-                done,
-                layers,
-                mesh,
-                controller,
-                schedule,
-                optimizers,
-                val_loss_fn,
-                log,
-                torch.cat([grad_sq, drift_sq]),
-                record,
+            if ok is not None:
+                grad_sq = torch.where(ok, grad_sq, torch.zeros_like(grad_sq))
+            extras = torch.cat([grad_sq, drift_sq, guard.interval_extras(mesh).to(grad_sq.device)])
+            stages, diverged, blending = _controller_interval(
+                done, layers, mesh, controller, schedule, optimizers, val_loss_fn, log, extras, record, (guard, monitor)
             )
+            if diverged is not None:
+                step = _roll_back(done, diverged, blending, run_dir, monitor, restore, layers, optimizers, log, bar)
+                continue
         if log_every and (done % log_every == 0 or done == steps) and evaluates:
             val_loss, val_acc = evaluate(model, data.x_val, data.y_val)
             acc = float((logits.argmax(1) == data.y_train[idx]).float().mean())
@@ -284,68 +240,80 @@ def _run(cfg: Any, env: DistEnv, device: torch.device, record: dict | None) -> d
         save_now = (ckpt_every and done % ckpt_every == 0) or (done == steps and cfg.checkpoint.save_final)
         if save_now:
             path = checkpoint.checkpoint_path(run_dir, done)
-            checkpoint.save(path, step=done, controller=controller, prev_host=prev_host, **ckpt)
+            extra = {"reliability": monitor.state_dict()}
+            keep = int(cfg.checkpoint.keep)
+            checkpoint.save(path, step=done, controller=controller, prev_host=prev_host, extra=extra, keep=keep, **ckpt)
+        bar.update(1)
+        step = done
     bar.close()
 
     val_loss, val_acc = evaluate(model, data.x_val, data.y_val)
     ranks = gather_ranks(layers, mesh, optimizers)
-    stages = global_stages(ranks)
-    by_shard: dict[int, set] = {}
-    for r in ranks:
-        by_shard.setdefault(r["seed_rank"], set()).add(r["seed_state_digest"])
-    shard_digests = [sorted(by_shard[s])[0] for s in sorted(by_shard)]
-    digest = (
-        shard_digests[0]
-        if len(shard_digests) == 1
-        else hashlib.blake2b("|".join(shard_digests).encode(), digest_size=12).hexdigest()
+    summary = build_summary(ranks, layers, val_loss=val_loss, val_acc=val_acc, loss=loss, steps=steps, env=env)
+    summary.update(
+        sharding=mesh.mode,
+        mesh={"dp": mesh.dp, "seed": mesh.seed},
+        params=b["host_param_count"] + b["bank_params"],
+        host_params=b["host_param_count"],
+        effective_params=b["host_param_count"] + summary["grown_params"],
+        backend=str(cfg.kernel.backend),
+        device=str(device),
+        run_dir=os.path.abspath(run_dir),
+        runtime_s=time.time() - t0,
     )
-    per_seed = {name: layer.bank.p0[0].numel() + layer.bank.p1[0].numel() for name, layer in layers.items()}
-    grown = sum(per_seed[n] * sum(Stage(s) in BLENDED_STAGES for s in seq) for n, seq in stages.items())
-    summary = {
-        "val_loss": val_loss,
-        "val_acc": val_acc,
-        "train_loss": float(loss.detach()),
-        "stage_counts": stage_counts(stages),
-        "seed_states": {name: [Stage(s).name for s in seq] for name, seq in stages.items()},
-        "seed_state_digest": digest,
-        "seeds_identical_across_ranks": all(len(v) == 1 for v in by_shard.values()),
-        "steps": steps,
-        "world_size": env.world_size,
-        "sharding": mesh.mode,
-        "mesh": {"dp": mesh.dp, "seed": mesh.seed},
-        "ranks": [{k: v for k, v in r.items() if k != "stages"} for r in ranks],
-        "params": b["host_param_count"] + b["bank_params"],
-        "host_params": b["host_param_count"],
-        "grown_params": grown,
-        "effective_params": b["host_param_count"] + grown,
-        "active_seeds": sum(Stage(s) in ACTIVE_STAGES for seq in stages.values() for s in seq),
-        "backend": str(cfg.kernel.backend),
-        "device": str(device),
-        "run_dir": os.path.abspath(run_dir),
-        "runtime_s": time.time() - t0,
-    }
     if record is not None:
         record["losses"] = [(s, float(v)) for s, v in losses]
-    log.finish(summary, stages)
+    log.finish(summary, global_stages(ranks))
     return summary
 
 
+def _roll_back(step, reason, blending, run_dir, monitor, restore, layers, optimizers, log, bar) -> int:
+    """Host divergence: restore the last good checkpoint, mark the seeds that were blending ROLLED_BACK; returns
+    the step to continue from. DivergenceError when there is none or ``max_rollbacks`` are used up."""
+    target = checkpoint.latest_checkpoint(run_dir, max_step=monitor.last_good_step)
+    if target is None or monitor.rollbacks >= monitor.max_rollbacks:
+        why = "no checkpoint to restore (set checkpoint.every)" if target is None else "max_rollbacks reached"
+        raise DivergenceError(f"step {step}: {reason}; {why}")
+    rollbacks = monitor.rollbacks + 1
+    at = restore(target)
+    monitor.rollbacks = rollbacks
+    marked = mark_rolled_back(layers, blending, at, optimizers)
+    event = {"step": step, "layer": None, "seed": None, "command": "restore", "from": None, "to": None}
+    event.update(value=at, reason=f"host divergence: {reason}; restored {target}", signals={"rollbacks": rollbacks})
+    events = [event] + [
+        {"step": at, "layer": n, "seed": i, "command": "rollback", "from": src, "to": Stage.ROLLED_BACK.name}
+        | {"value": None, "reason": "blending when the host diverged", "signals": {}}
+        for n, i, src in marked
+    ]
+    log.events(events)
+    bar.reset(total=bar.total)
+    bar.update(at)
+    return at
+
+
 def _controller_interval(
-    step, layers, mesh, controller, schedule, optimizers, val_loss_fn, log, host_sums, record
-) -> dict[str, list[int]]:
-    """One controller interval; returns the global post-decision stages (layer -> per-seed stage ids)."""
+    step, layers, mesh, controller, schedule, optimizers, val_loss_fn, log, host_sums, record, reliability=None
+) -> tuple[dict[str, list[int]], str | None, list[tuple[str, int]]]:
+    """One controller interval; returns the global post-decision stages (layer -> per-seed stage ids), the
+    reason the host diverged (None if it did not) and the seeds that were blending."""
     report = build_report(layers, step, dp=mesh.dp, extras=host_sums)
-    grad_sq, drift_sq, prev_sq = report.extras
+    grad_sq, drift_sq, prev_sq = report.extras[:3]
     host = HostSignals(weight_drift=math.sqrt(drift_sq) / max(math.sqrt(prev_sq), 1e-12), grad_norm=math.sqrt(grad_sq))
+    faults, diverged = [], None
+    if reliability is not None:
+        guard, monitor = reliability
+        faults = guard.interval_faults(report.extras[3:], report, optimizers, mesh)
+        diverged = monitor.check(step, report.extras[3:], len(faults))
     measure_counterfactuals(layers, report, val_loss_fn, controller=controller)
-    decisions = controller.decide(report, step)
+    decisions = controller.decide(report, step) if diverged is None else []
     apply_decisions(layers, decisions, step, schedule)
-    verify_same_decisions(decisions_checksum(decisions, layers, report), step)
+    check_same_decisions([*faults, *decisions], layers, report, controller, step)
     for d in decisions:
         if d.target is not None and owns(layers[d.layer], d.seed):
             optimizers.reset_seed(d.layer, local_index(layers[d.layer], d.seed))
     for layer in layers.values():
         schedule.on_interval(layer, report, host)
+    decisions = [*faults, *decisions]
     events = [d.to_event(step) for d in decisions]
     for e in events:
         e["host"] = {"weight_drift": host.weight_drift, "grad_norm": host.grad_norm}
@@ -357,7 +325,7 @@ def _controller_interval(
     if record is not None:
         record.setdefault("tables", []).append((step, report.table.clone()))
         record.setdefault("events", []).extend(events)
-    return stages
+    return stages, diverged, blending_seeds(report)
 
 
 if __name__ == "__main__":

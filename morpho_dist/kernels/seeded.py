@@ -56,8 +56,12 @@ def _seed_flags(stage_ptr, blend_ptr, alpha_ptr, seeds, N):
 
 
 @triton.jit
-def _lowrank_weights(a_ptr, b_ptr, seeds, fmask, c, group, N, C, R, SPP: tl.constexpr, RP: tl.constexpr):
-    """Block-diagonal A_bd [SPP*CP, SPP*RP] and B_bd [SPP*RP, SPP*CP] of the band (fp32)."""
+def _lowrank_weights(a_ptr, b_ptr, seeds, fmask, active, c, group, N, C, R, SPP: tl.constexpr, RP: tl.constexpr):
+    """Block-diagonal A_bd [SPP*CP, SPP*RP] and B_bd [SPP*RP, SPP*CP] of the band (fp32).
+
+    Idle seeds' weights are never loaded: a non-finite value there would leak into the neighbours' columns
+    through the zero blocks (0 * inf = nan).
+    """
     k = tl.arange(0, SPP * RP)
     seeds_k = group * SPP + k // RP
     r = k % RP
@@ -65,12 +69,12 @@ def _lowrank_weights(a_ptr, b_ptr, seeds, fmask, c, group, N, C, R, SPP: tl.cons
     same = seeds[:, None] == seeds_k[None, :]
     a_bd = tl.load(
         a_ptr + seeds[:, None] * C * R + (c % C)[:, None] * R + r[None, :],
-        mask=same & fmask[:, None] & kmask[None, :],
+        mask=same & (fmask & active)[:, None] & kmask[None, :],
         other=0.0,
     ).to(tl.float32)
     b_bd = tl.load(
         b_ptr + seeds_k[:, None] * R * C + r[:, None] * C + (c % C)[None, :],
-        mask=tl.trans(same) & kmask[:, None] & fmask[None, :],
+        mask=tl.trans(same) & kmask[:, None] & (fmask & active)[None, :],
         other=0.0,
     ).to(tl.float32)
     return a_bd, b_bd, same & fmask[:, None] & kmask[None, :]
@@ -107,7 +111,7 @@ def _seeded_fwd_kernel(
         seeds, fmask, feats = _band(group, N, C, c0, SPP, CP, DENSE)
         if KIND == 0:
             a_bd, b_bd, _wmask = _lowrank_weights(
-                p0_ptr, p1_ptr, seeds, fmask, feats - seeds * C, group, N, C, R, SPP, RP
+                p0_ptr, p1_ptr, seeds, fmask, active, feats - seeds * C, group, N, C, R, SPP, RP
             )
         else:
             g = tl.load(p0_ptr + feats, mask=fmask, other=0.0).to(tl.float32)
@@ -182,7 +186,7 @@ def _seeded_bwd_kernel(
         seeds, fmask, feats = _band(group, N, C, c0, SPP, CP, DENSE)
         if KIND == 0:
             a_bd, b_bd, wmask = _lowrank_weights(
-                p0_ptr, p1_ptr, seeds, fmask, feats - seeds * C, group, N, C, R, SPP, RP
+                p0_ptr, p1_ptr, seeds, fmask, active, feats - seeds * C, group, N, C, R, SPP, RP
             )
             acc_g0 = tl.zeros([SPP * CP, SPP * RP], tl.float32)
             acc_g1 = tl.zeros([SPP * RP, SPP * CP], tl.float32)

@@ -119,7 +119,10 @@ def seeded_reference(
     incubator = training & ~is_linear
     reconstruct = training & is_linear
 
-    q0, q1 = p0.to(cdt), p1.to(cdt)
+    # Idle seeds' parameters never enter the math: a non-finite bank there must not reach dx (0 * nan).
+    amask = (training | blended).view(n, *([1] * (p0.dim() - 1)))
+    q0 = torch.where(amask, p0.to(cdt), torch.zeros((), dtype=cdt, device=p0.device))
+    q1 = torch.where(amask, p1.to(cdt), torch.zeros((), dtype=cdt, device=p1.device))
     pmask = trainable.view(n, *([1] * (q0.dim() - 1)))
     q0_live = torch.where(pmask, q0, q0.detach())
     q1_live = torch.where(pmask, q1, q1.detach())

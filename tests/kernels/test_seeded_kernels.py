@@ -190,3 +190,20 @@ def test_counterfactual_alpha_zero_is_the_host(device):
     x, _, stage, blend, alpha, p0, p1 = case
     y, _ = seeded(x, stage, blend, torch.zeros_like(alpha), p0, p1, None, kind="lowrank", backend="triton")
     torch.testing.assert_close(y, x, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("kind", ["lowrank", "diagonal"])
+def test_nonfinite_idle_bank_does_not_leak(device, backend, kind):
+    """A NaN/inf bank slice of an idle seed changes nothing: not its own passthrough, not its band neighbours."""
+    case = make_case((9,), 11, 16, kind=kind, rank=4, blend="mixed", dtype=torch.float32, device=device, seed=7)
+    clean = run_op(case, kind=kind, act="relu", backend=backend)
+    x, dy, stage, blend, alpha, p0, p1 = case
+    idle = [i for i, s in enumerate(stage.tolist()) if Stage(s) not in BLENDED_STAGES and s != Stage.TRAINING]
+    p0, p1 = p0.clone(), p1.clone()
+    p0[idle[0]] = float("nan")
+    p1[idle[1]] = float("inf")
+    dirty = run_op((x, dy, stage, blend, alpha, p0, p1), kind=kind, act="relu", backend=backend)
+    for name in ("y", "dx", "rec_loss", "tel"):
+        assert torch.equal(dirty[name], clean[name]), name

@@ -216,20 +216,13 @@ def malformed():
 )
 def test_malformed_overrides_fail_with_one_line(overrides):
     """Overrides Hydra's grammar rejects (or a group given null, a number or an interpolation): still exit 2 and
-    one line, no traceback (the line does not always name the key: see the xfail below)."""
+    one line, no traceback."""
     cfg, code, out, err = precheck(overrides)
     assert cfg is None, "a malformed override composed"
     assert_one_line_error(code, out, err)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="cli.one_line passes Hydra's grammar and group-value errors through without the override: e.g. "
-    "'error: no viable alternative at input '[1,2' ...' and 'error: Config group override must be a string or a "
-    "list. Got NoneType' name no key",
-)
-@pytest.mark.parametrize("override", ["train.steps=[1,2", "model=null", "data=${oops}"])
+@pytest.mark.parametrize("override", ["train.steps=[1,2", "seeds.kind=a=b", "model=null", "data=${oops}"])
 def test_malformed_override_errors_name_the_key(override):
     cfg, code, out, err = precheck([override])
     line = assert_one_line_error(code, out, err)

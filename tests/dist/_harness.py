@@ -1,0 +1,109 @@
+"""Helpers for the gloo tests: run train.run (or build + checkpoint calls) in N spawned processes."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import torch
+import torch.multiprocessing as mp
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FAST = [
+    "kernel.backend=reference",
+    "kernel.deterministic=true",
+    "train.progress=false",
+    "controller.interval=5",
+    "controller.fine_tuning_steps=20",
+    "schedule.ramp_steps=10",
+    "logger=none",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def compose(overrides: list[str]):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from morpho_dist.cli import CONF_DIR
+    from morpho_dist.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return hydra_compose("config", overrides=[*FAST, *overrides])
+
+
+def _set_env(rank: int, world: int, port: int) -> None:
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+
+
+def _train_worker(rank: int, world: int, port: int, overrides: list[str], out_dir: str) -> None:
+    _set_env(rank, world, port)
+    from morpho_dist.train import run
+
+    record: dict = {}
+    summary = run(compose(overrides), record)
+    torch.save({"summary": summary, "record": record}, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def train(world: int, overrides: list[str], out_dir) -> list[dict]:
+    """train.run on ``world`` processes (in this process when world == 1); each rank's summary and record."""
+    out_dir = str(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    if world == 1:
+        from morpho_dist.train import run
+
+        record: dict = {}
+        summary = run(compose(overrides), record)
+        return [{"summary": summary, "record": record}]
+    mp.spawn(_train_worker, args=(world, free_port(), overrides, out_dir), nprocs=world, join=True)
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+
+
+def _resave_worker(rank: int, world: int, port: int, overrides: list[str], src: str, dst: str) -> None:
+    _set_env(rank, world, port)
+    resave(overrides, src, dst)
+
+
+def resave(overrides: list[str], src: str, dst: str) -> None:
+    """Build the run's model under ``overrides``, load checkpoint ``src`` into it and save it again to ``dst``."""
+    from morpho_dist import checkpoint
+    from morpho_dist.distributed import destroy_process_group, init_process_group, pick_device, read_env
+    from morpho_dist.sharding import snapshot_host
+    from morpho_dist.train import build
+
+    env = read_env()
+    device = pick_device(env, "cpu")
+    created = init_process_group(env, device)
+    try:
+        b = build(compose(overrides), env, device)
+        args = {"mesh": b["mesh"], "layers": b["layers"], "host_params": b["host_named"]}
+        prev = snapshot_host(b["host_named"])
+        step, _ = checkpoint.load(src, optimizers=b["optimizers"], controller=b["controller"], prev_host=prev, **args)
+        checkpoint.save(dst, step=step, optimizers=b["optimizers"], controller=b["controller"], prev_host=prev, **args)
+    finally:
+        if created:
+            destroy_process_group()
+
+
+def resave_on(world: int, overrides: list[str], src, dst) -> None:
+    if world == 1:
+        resave(overrides, str(src), str(dst))
+    else:
+        mp.spawn(_resave_worker, args=(world, free_port(), overrides, str(src), str(dst)), nprocs=world, join=True)
+
+
+def read_full(path) -> dict:
+    """A DCP checkpoint as full (unsharded) tensors, read in this process."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    out = str(path) + ".full.pt"
+    dcp_to_torch_save(str(path), out)
+    return torch.load(out, weights_only=False)
