@@ -109,6 +109,7 @@ class KernelConfig:
     block_rows: int = 32
     block_cols: int = 64
     num_warps: int = 2
+    bwd_num_warps: int = 4
     dot_precision: str = "ieee"
 
 
@@ -263,7 +264,7 @@ NON_NEGATIVE = (
     "checkpoint.keep",
     "reliability.divergence_factor",
 )
-POW2 = ("kernel.block_rows", "kernel.block_cols", "kernel.num_warps")
+POW2 = ("kernel.block_rows", "kernel.block_cols", "kernel.num_warps", "kernel.bwd_num_warps")
 
 
 def _get(cfg: Any, key: str) -> Any:
@@ -314,8 +315,9 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"reliability.max_rollbacks={cfg.reliability.max_rollbacks} must be >= 0")
     if cfg.kernel.block_rows < 16:
         raise ConfigError(f"kernel.block_rows={cfg.kernel.block_rows} must be >= 16 (tl.dot tiles)")
-    if cfg.kernel.num_warps > 32:
-        raise ConfigError(f"kernel.num_warps={cfg.kernel.num_warps} must be at most 32")
+    for key in ("num_warps", "bwd_num_warps"):
+        if cfg.kernel[key] > 32:
+            raise ConfigError(f"kernel.{key}={cfg.kernel[key]} must be at most 32")
     if not 0 <= cfg.schedule.min_factor <= cfg.schedule.max_factor:
         raise ConfigError(f"schedule.min_factor={cfg.schedule.min_factor} must lie in [0, schedule.max_factor]")
     if cfg.schedule.grad_lo > cfg.schedule.grad_hi:

@@ -70,6 +70,7 @@ def kernel_options(kernel_cfg: Any) -> KernelOptions:
         num_warps=int(kernel_cfg.num_warps),
         deterministic=bool(kernel_cfg.deterministic),
         dot_precision=str(kernel_cfg.dot_precision),
+        bwd_num_warps=int(kernel_cfg.bwd_num_warps),
     )
 
 

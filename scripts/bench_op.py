@@ -114,6 +114,7 @@ def main() -> None:
     ap.add_argument("--block-rows", type=int, default=KernelOptions.block_rows)
     ap.add_argument("--block-cols", type=int, default=KernelOptions.block_cols)
     ap.add_argument("--num-warps", type=int, default=KernelOptions.num_warps)
+    ap.add_argument("--bwd-num-warps", type=int, default=KernelOptions.bwd_num_warps)
     ap.add_argument("--dot-precision", default="tf32")
     ap.add_argument("--profile", action="store_true", help="also print each call's kernels and host time")
     ap.add_argument("--sweep", action="store_true", help="time every (block_rows, block_cols, num_warps) of SWEEP")
@@ -121,7 +122,9 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("bench_op.py needs a CUDA device")
     dev = torch.device("cuda")
-    opts = KernelOptions(args.block_rows, args.block_cols, args.num_warps, False, args.dot_precision)
+    opts = KernelOptions(
+        args.block_rows, args.block_cols, args.num_warps, False, args.dot_precision, args.bwd_num_warps
+    )
     ref_compiled = torch.compile(seeded_reference, dynamic=False)
     rows = []
     dtypes = [torch.float32] if args.quick else [getattr(torch, d) for d in args.dtypes.split(",")]
@@ -139,7 +142,9 @@ def main() -> None:
             t_copy = bench(lambda dst=dst, src=src: dst.copy_(src))
             configs = [opts]
             if args.sweep:
-                configs = [KernelOptions(r, cc, w, False, args.dot_precision) for r, cc, w in SWEEP]
+                configs = [
+                    KernelOptions(r, cc, w, False, args.dot_precision, w2) for r, cc, w in SWEEP for w2 in (2, 4)
+                ]
             timed = []
             for cfg in configs:
                 try:

@@ -74,11 +74,11 @@ def _plan(kind, x2, stage, p0, opts) -> tuple[TilePlan, int, int, int, int]:
     return plan_tiles(kind, rows, seeds, chunk, rank, opts, x2.device), rows, seeds, chunk, rank
 
 
-def _constexprs(kind, act, plan: TilePlan, opts: KernelOptions, has_stats: bool) -> dict:
+def _constexprs(kind, act, plan: TilePlan, opts: KernelOptions, has_stats: bool, num_warps: int) -> dict:
     return dict(
         KIND=_KIND_IDS[kind], ACT=ACT_IDS[act], BLOCK_T=plan.block_t, CP=plan.chunk_tile, RP=plan.rank_tile,
         SPP=plan.seeds_per_prog, USE_ATOMICS=not opts.deterministic, HAS_STATS=has_stats,
-        DOT_PRECISION=opts.dot_precision, DENSE=plan.dense, num_warps=opts.num_warps,
+        DOT_PRECISION=opts.dot_precision, DENSE=plan.dense, num_warps=num_warps,
     )  # fmt: skip
 
 
@@ -105,7 +105,7 @@ def seeded_forward(x2, stage, blend, alpha, p0, p1, telemetry, *, kind, act, dea
         rows, x2.shape[1], seeds, chunk, rank, plan.rows_per_split,
         seeds * NUM_FIELDS if opts.deterministic else 0, 1 if opts.deterministic else 0,
         dead_eps, 0.5 / (rows * chunk),
-        **_constexprs(kind, act, plan, opts, has_stats),
+        **_constexprs(kind, act, plan, opts, has_stats, opts.num_warps),
     )  # fmt: skip
     if opts.deterministic and has_stats:
         _merge_partials(telemetry, stats)
@@ -128,7 +128,7 @@ def seeded_backward(x2, dy2, drec, stage, blend, alpha, p0, p1, telemetry, *, ki
         rows, x2.shape[1], seeds, chunk, rank, plan.rows_per_split,
         seeds * NUM_FIELDS if opts.deterministic else 0, p0.numel() if opts.deterministic else 0,
         1.0 / (rows * chunk),
-        **_constexprs(kind, act, plan, opts, has_stats),
+        **_constexprs(kind, act, plan, opts, has_stats, opts.bwd_num_warps),
     )  # fmt: skip
     if opts.deterministic:
         if has_stats:

@@ -59,9 +59,9 @@ def _backward_impl(dy, drec, x, stage, blend, alpha, p0, p1, telemetry, kind, ac
 def seeded_fwd(
     x: Tensor, stage: Tensor, blend: Tensor, alpha: Tensor, p0: Tensor, p1: Tensor, telemetry: Tensor | None,
     kind: str, act: str, dead_eps: float,
-    block_rows: int, block_cols: int, num_warps: int, deterministic: bool, dot_precision: str,
+    block_rows: int, block_cols: int, num_warps: int, deterministic: bool, dot_precision: str, bwd_num_warps: int,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
-    opts = KernelOptions(block_rows, block_cols, num_warps, deterministic, dot_precision)
+    opts = KernelOptions(block_rows, block_cols, num_warps, deterministic, dot_precision, bwd_num_warps)
     return _forward_impl(x, stage, blend, alpha, p0, p1, telemetry, kind, act, dead_eps, opts)
 
 
@@ -74,9 +74,9 @@ def _(x, stage, blend, alpha, p0, p1, telemetry, *args):
 def seeded_bwd(
     dy: Tensor, drec: Tensor, x: Tensor, stage: Tensor, blend: Tensor, alpha: Tensor, p0: Tensor, p1: Tensor,
     telemetry: Tensor | None, kind: str, act: str,
-    block_rows: int, block_cols: int, num_warps: int, deterministic: bool, dot_precision: str,
+    block_rows: int, block_cols: int, num_warps: int, deterministic: bool, dot_precision: str, bwd_num_warps: int,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    opts = KernelOptions(block_rows, block_cols, num_warps, deterministic, dot_precision)
+    opts = KernelOptions(block_rows, block_cols, num_warps, deterministic, dot_precision, bwd_num_warps)
     return _backward_impl(dy, drec, x, stage, blend, alpha, p0, p1, telemetry, kind, act, opts)
 
 
@@ -86,7 +86,14 @@ def _(dy, drec, x, stage, blend, alpha, p0, p1, telemetry, *args):
 
 
 def _static(opts: KernelOptions) -> tuple:
-    return (opts.block_rows, opts.block_cols, opts.num_warps, opts.deterministic, opts.dot_precision)
+    return (
+        opts.block_rows,
+        opts.block_cols,
+        opts.num_warps,
+        opts.deterministic,
+        opts.dot_precision,
+        opts.bwd_num_warps,
+    )
 
 
 class _SeededFunction(torch.autograd.Function):
