@@ -35,14 +35,14 @@ def test_wrap_train_grow_export_matches_eval():
     layers = seeded_layers(model)
     assert list(layers) == ["body.0", "body.2"]
     schedule = make_schedule(ScheduleConfig(name="fixed_ramp", ramp_steps=5))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
     x, target = torch.randn(64, 2, 10), torch.randint(0, 4, (64,))
     # seed 1 of body.0 goes all the way; seed 0 of body.2 is culled on the way
-    plan = {2: ("germinate", 1, 0), 3: ("advance", 1, 0), 6: ("advance", 1, 0), 4: ("germinate", 0, 1),
+    plan = {2: ("germinate", 1, 0), 3: ("advance", 1, 0), 30: ("advance", 1, 0), 4: ("germinate", 0, 1),
             5: ("advance", 0, 1), 7: ("cull", 0, 1)}  # fmt: skip
     grafting_done = False
     losses = []
-    for step in range(40):
+    for step in range(80):
         if step in plan:
             cmd, seed, li = plan[step]
             planned = list(layers.values())[li]
@@ -78,4 +78,4 @@ def test_wrap_train_grow_export_matches_eval():
     assert not seeded_layers(plain)
     with torch.no_grad():  # the grown seed matters: with its alpha at 0 the outputs differ
         layers["body.0"].alpha[1] = 0.0
-        assert not torch.allclose(model(xe), got, atol=1e-4)
+        assert (model(xe) - got).abs().max() > 1e-3
