@@ -6,6 +6,7 @@ Stage ids are stable (tests outside the project use them) and are the integers t
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -63,6 +64,14 @@ LEGAL_TRANSITIONS: dict[Stage, frozenset[Stage]] = {
 
 class IllegalTransition(ValueError):
     """A lifecycle command that the transition table (or an embargo) does not allow."""
+
+
+def count_stages(stage_ids: Iterable[int]) -> dict[str, int]:
+    """Stage name -> number of seeds in it, every stage listed (zeros included)."""
+    counts = {s.name: 0 for s in Stage}
+    for s in stage_ids:
+        counts[Stage(s).name] += 1
+    return counts
 
 
 def is_legal(src: Stage, dst: Stage) -> bool:

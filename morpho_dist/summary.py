@@ -7,7 +7,7 @@ import hashlib
 import torch
 
 from morpho_dist.distributed import Mesh, is_initialized
-from morpho_dist.lifecycle import ACTIVE_STAGES, BLENDED_STAGES, Stage
+from morpho_dist.lifecycle import ACTIVE_STAGES, BLENDED_STAGES, Stage, count_stages
 
 
 def seed_state_digest(layers: dict) -> str:
@@ -24,11 +24,7 @@ def seed_state_digest(layers: dict) -> str:
 
 
 def stage_counts(stages: dict[str, list[int]]) -> dict[str, int]:
-    counts = {s.name: 0 for s in Stage}
-    for seq in stages.values():
-        for s in seq:
-            counts[Stage(s).name] += 1
-    return counts
+    return count_stages(s for seq in stages.values() for s in seq)
 
 
 def gather_ranks(layers: dict, mesh: Mesh, optimizers) -> list[dict]:

@@ -34,7 +34,7 @@ from morpho_dist.kernels.layout import (
     NUM_FIELDS,
     SUM_FIELDS,
 )
-from morpho_dist.lifecycle import STATE_FIELDS, Stage
+from morpho_dist.lifecycle import STATE_FIELDS, Stage, count_stages
 
 if TYPE_CHECKING:
     from morpho_dist.layer import SeededLayer
@@ -112,11 +112,7 @@ class HealthReport:
 
 def stage_counts(report: HealthReport, layer: str | None = None) -> dict[str, int]:
     """Stage name -> number of seeds in it (every stage listed, zeros included), optionally for one layer."""
-    counts = {s.name: 0 for s in Stage}
-    for s in report.seeds:
-        if layer is None or s.layer == layer:
-            counts[s.stage.name] += 1
-    return counts
+    return count_stages(s.stage for s in report.seeds if layer is None or s.layer == layer)
 
 
 def global_num_seeds(layer: SeededLayer) -> int:

@@ -20,6 +20,14 @@ FAST = [
 ]
 
 
+def launcher_env(**extra: str) -> dict[str, str]:
+    """The environment for a torchrun subprocess: this repo importable, no rank variables of our own."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MORPHO_RUN_DIR")}
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

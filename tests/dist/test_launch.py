@@ -8,14 +8,13 @@ import subprocess
 
 import pytest
 
-from tests.dist._harness import REPO
+from tests.dist._harness import REPO, launcher_env
 
 pytestmark = pytest.mark.dist
 
 
 def test_cpu_launch_script_runs_seed_sharding(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MORPHO_RUN_DIR")}
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    env = launcher_env()
     res = subprocess.run(
         [
             "bash",

@@ -10,21 +10,17 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch.multiprocessing as mp
 
-from tests.dist._harness import REPO, compose, free_port
+from tests.dist._harness import FAST, compose, free_port, launcher_env
 
 pytestmark = pytest.mark.dist
 
 RUN = [
-    "kernel.backend=reference",
-    "kernel.deterministic=true",
-    "train.progress=false",
-    "controller.interval=5",
-    "controller.fine_tuning_steps=20",
-    "schedule.ramp_steps=10",
+    *(o for o in FAST if not o.startswith("logger=")),
     "logger=jsonl",
     "train.steps=40",
     "train.log_every=10",
@@ -34,9 +30,7 @@ RUNTIME = {"runtime_s", "run_dir"}
 
 
 def _torchrun(tmp_path, *args: str, env_extra: dict | None = None, max_restarts: int = 0):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MORPHO_RUN_DIR")}
-    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
-    env.update(env_extra or {})
+    env = launcher_env(**(env_extra or {}))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
     cmd += [f"--max-restarts={max_restarts}", "--monitor-interval=0.2", "-m", "morpho_dist.train", *RUN, *args]
     return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
@@ -56,8 +50,8 @@ def test_killed_rank_restarts_from_the_last_checkpoint(tmp_path):
     run_dir = re.search(r"run_dir=(\S+)", faulty.stdout).group(1)
     assert os.path.exists(os.path.join(run_dir, ".fault_injected")), "the fault never fired"
     assert len(re.findall(r"run_dir=", faulty.stdout)) == 1  # one attempt finished: the restarted one
-    a = json.loads(open(os.path.join(tmp_path, "straight", "summary.json")).read())
-    b = json.loads(open(os.path.join(run_dir, "summary.json")).read())
+    a = json.loads((tmp_path / "straight" / "summary.json").read_text())
+    b = json.loads(Path(run_dir, "summary.json").read_text())
     assert set(a) == set(b)
     for key in set(a) - RUNTIME:
         assert a[key] == b[key], key

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch.multiprocessing as mp
 
+from tests.dist._harness import free_port, launcher_env
+
 pytestmark = pytest.mark.dist
 
 WORLD = 2
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 OVERRIDES = [
     "kernel.backend=reference",
     "train.progress=false",
@@ -23,12 +23,6 @@ OVERRIDES = [
     "schedule.ramp_steps=10",
     "train.steps=100",
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, port: int, run_dir: str, out_dir: str) -> None:
@@ -50,7 +44,7 @@ def _worker(rank: int, port: int, run_dir: str, out_dir: str) -> None:
 
 
 def test_ranks_end_with_identical_seed_states(tmp_path):
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path / "run"), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(tmp_path / "run"), str(tmp_path)), nprocs=WORLD, join=True)
     s0, s1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD))
     assert s0["world_size"] == s1["world_size"] == WORLD
     assert s0["seed_state_digest"] == s1["seed_state_digest"]
@@ -62,14 +56,14 @@ def test_ranks_end_with_identical_seed_states(tmp_path):
 
 
 def test_torchrun_shares_one_run_dir(tmp_path):
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MORPHO_RUN_DIR")}
+    env = launcher_env()
     res = subprocess.run(
         [
             sys.executable,
             "-m",
             "torch.distributed.run",
             "--nproc_per_node=2",
-            f"--master_port={_free_port()}",
+            f"--master_port={free_port()}",
             "-m",
             "morpho_dist.train",
             *OVERRIDES,
