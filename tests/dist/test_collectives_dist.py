@@ -15,7 +15,8 @@ from tests.dist._harness import compose, free_port
 
 pytestmark = pytest.mark.dist
 
-WORLD, STEPS, INTERVAL = 2, 20, 5
+STEPS, INTERVAL = 20, 5
+WORLD = {"seed": 2, "data": 2, "hybrid": 4}  # hybrid: dp=2 x seed=2
 C10D_ALLREDUCE = "c10d.allreduce_"  # dist.all_reduce: the telemetry's two and the checksum's one
 NAMESPACES = ("c10d", "_c10d_functional", "_c10d_functional_autograd")
 NOT_COLLECTIVES = ("wait_tensor", "_wrap_tensor_autograd")
@@ -23,7 +24,11 @@ NOT_COLLECTIVES = ("wait_tensor", "_wrap_tensor_autograd")
 
 def _worker(rank: int, port: int, mode: str, out_dir: str) -> None:
     os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD[mode]),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
     )
     from collections import Counter
 
@@ -70,10 +75,10 @@ def _worker(rank: int, port: int, mode: str, out_dir: str) -> None:
     torch.save(marks, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
-@pytest.mark.parametrize("mode", ["seed", "data"])
+@pytest.mark.parametrize("mode", ["seed", "data", "hybrid"])
 def test_collectives_per_interval_and_per_step(tmp_path, mode):
-    mp.spawn(_worker, args=(free_port(), mode, str(tmp_path)), nprocs=WORLD, join=True)
-    for rank in range(WORLD):
+    mp.spawn(_worker, args=(free_port(), mode, str(tmp_path)), nprocs=WORLD[mode], join=True)
+    for rank in range(WORLD[mode]):
         marks = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
         intervals = [m for m in marks if m[0] == "interval"]
         assert [m[1] for m in intervals] == list(range(INTERVAL, STEPS + 1, INTERVAL))
@@ -96,5 +101,8 @@ def test_collectives_per_interval_and_per_step(tmp_path, mode):
         if mode == "seed":  # tensor parallelism: the row-parallel layer's output (the column-parallel embed
             # takes the data itself, so its input gradient, and that all-reduce, is never needed)
             assert steady[0] == {"_c10d_functional.all_reduce": 1}, steady[0]
-        else:  # data parallelism: DDP's one gradient bucket of this small model
+        elif mode == "data":  # data parallelism: DDP's one gradient bucket of this small model
             assert steady[0] == {C10D_ALLREDUCE: 1}, steady[0]
+        else:  # hybrid: the tensor-parallel all-reduce over `seed`, plus whatever DDP over `dp` issues itself
+            assert steady[0].get("_c10d_functional.all_reduce") == 1, steady[0]
+            assert set(steady[0]) <= {"_c10d_functional.all_reduce", C10D_ALLREDUCE}, steady[0]
