@@ -78,7 +78,8 @@ def test_torchrun_shares_one_run_dir(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     run_dirs = [os.path.dirname(p) for p in (tmp_path / "outputs").glob("*/*/summary.json")]
     assert len(run_dirs) == 1, list((tmp_path / "outputs").rglob("*"))
-    assert len(list((tmp_path / "outputs").glob("*/*"))) == 1  # no second dir from another rank
+    # no second run dir from another rank (outputs/.elastic holds the restart marker, not a run)
+    assert len([p for p in (tmp_path / "outputs").glob("*/*") if not p.parent.name.startswith(".")]) == 1
     summary = json.loads((tmp_path / "outputs").joinpath(run_dirs[0], "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["seeds_identical_across_ranks"]
     assert (tmp_path / "outputs").joinpath(run_dirs[0], ".hydra", "config.yaml").exists()
