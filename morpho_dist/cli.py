@@ -144,9 +144,12 @@ def main() -> None:
             sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
     try:
         hydra_app()
-    finally:
+    except BaseException:
         if created:
             distributed.destroy_process_group()
+        raise
+    if created:
+        distributed.destroy_process_group(barrier=True)
 
 
 if __name__ == "__main__":

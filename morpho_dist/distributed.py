@@ -184,8 +184,13 @@ def init_process_group(env: DistEnv, device: torch.device, timeout_s: float | No
     return True
 
 
-def destroy_process_group() -> None:
+def destroy_process_group(barrier: bool = False) -> None:
+    """``barrier``: on a clean exit, let every rank finish its collectives before any tears its gloo/NCCL
+    connections down (a rank that closes early can abort a peer still in flight). Not after an error: a
+    failed peer would make the barrier wait for the whole collective timeout."""
     if is_initialized():
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()
 
 

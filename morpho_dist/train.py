@@ -107,10 +107,14 @@ def run(cfg: Any, record: dict | None = None) -> dict:
     device = pick_device(env, cfg.train.device)
     created = init_process_group(env, device, float(cfg.reliability.collective_timeout_s))
     try:
-        return _run(cfg, env, device, record)
-    finally:
+        summary = _run(cfg, env, device, record)
+    except BaseException:
         if created:
             destroy_process_group()
+        raise
+    if created:
+        destroy_process_group(barrier=True)
+    return summary
 
 
 def build(cfg: Any, env: DistEnv, device: torch.device) -> dict:

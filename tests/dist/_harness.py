@@ -96,9 +96,12 @@ def resave(overrides: list[str], src: str, dst: str) -> None:
         prev = snapshot_host(b["host_named"])
         step, _ = checkpoint.load(src, optimizers=b["optimizers"], controller=b["controller"], prev_host=prev, **args)
         checkpoint.save(dst, step=step, optimizers=b["optimizers"], controller=b["controller"], prev_host=prev, **args)
-    finally:
+    except BaseException:
         if created:
             destroy_process_group()
+        raise
+    if created:
+        destroy_process_group(barrier=True)
 
 
 def resave_on(world: int, overrides: list[str], src, dst) -> None:
