@@ -106,11 +106,14 @@ class ShardingConfig:
 class KernelConfig:
     backend: str = "auto"
     deterministic: bool = False
-    block_rows: int = 32
-    block_cols: int = 64
+    block_rows: int = 8
+    block_cols: int = 0
     num_warps: int = 2
-    bwd_num_warps: int = 4
+    bwd_num_warps: int = 2
     dot_precision: str = "ieee"
+    autotune: bool = False
+    lowrank_rows: int = 64
+    lowrank_warps: int = 4
 
 
 @dataclass
@@ -264,7 +267,13 @@ NON_NEGATIVE = (
     "checkpoint.keep",
     "reliability.divergence_factor",
 )
-POW2 = ("kernel.block_rows", "kernel.block_cols", "kernel.num_warps", "kernel.bwd_num_warps")
+POW2 = (
+    "kernel.block_rows",
+    "kernel.num_warps",
+    "kernel.bwd_num_warps",
+    "kernel.lowrank_rows",
+    "kernel.lowrank_warps",
+)
 
 
 def _get(cfg: Any, key: str) -> Any:
@@ -313,9 +322,11 @@ def validate(cfg: Any) -> None:
             raise ConfigError(f"{key}={value!r} must be a power of two")
     if cfg.reliability.max_rollbacks < 0:
         raise ConfigError(f"reliability.max_rollbacks={cfg.reliability.max_rollbacks} must be >= 0")
-    if cfg.kernel.block_rows < 16:
-        raise ConfigError(f"kernel.block_rows={cfg.kernel.block_rows} must be >= 16 (tl.dot tiles)")
-    for key in ("num_warps", "bwd_num_warps"):
+    if not (cfg.kernel.block_cols == 0 or _is_pow2(cfg.kernel.block_cols)):
+        raise ConfigError(f"kernel.block_cols={cfg.kernel.block_cols!r} must be a power of two, or 0 for auto")
+    if cfg.kernel.lowrank_rows < 16:
+        raise ConfigError(f"kernel.lowrank_rows={cfg.kernel.lowrank_rows} must be >= 16 (tl.dot tiles)")
+    for key in ("num_warps", "bwd_num_warps", "lowrank_warps"):
         if cfg.kernel[key] > 32:
             raise ConfigError(f"kernel.{key}={cfg.kernel[key]} must be at most 32")
     if not 0 <= cfg.schedule.min_factor <= cfg.schedule.max_factor:

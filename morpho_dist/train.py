@@ -71,6 +71,9 @@ def kernel_options(kernel_cfg: Any) -> KernelOptions:
         deterministic=bool(kernel_cfg.deterministic),
         dot_precision=str(kernel_cfg.dot_precision),
         bwd_num_warps=int(kernel_cfg.bwd_num_warps),
+        autotune=bool(kernel_cfg.autotune),
+        lowrank_rows=int(kernel_cfg.lowrank_rows),
+        lowrank_warps=int(kernel_cfg.lowrank_warps),
     )
 
 

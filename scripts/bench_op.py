@@ -20,6 +20,7 @@ import torch
 import triton
 
 from morpho_dist.grafting import Blend
+from morpho_dist.kernels import autotune
 from morpho_dist.kernels.options import KernelOptions
 from morpho_dist.lifecycle import Stage
 from morpho_dist.ops import seeded, seeded_reference
@@ -82,10 +83,53 @@ def profile_call(fn, label: str) -> None:
     host = sorted(((e.key, e.self_cpu_time_total) for e in events), key=lambda k: -k[1])[:6]
     host_top = ", ".join(f"{n[:32]}={t:.0f}" for n, t in host)
     print(f"  profile {label}: wall {wall:.1f} us/call, GPU {gpu:.1f} us: {top}\n    host: {host_top}", flush=True)
+    import cProfile
+    import io
+    import pstats
+
+    prof_py = cProfile.Profile()
+    prof_py.enable()
+    for _ in range(20):
+        fn()
+    prof_py.disable()
+    torch.cuda.synchronize()
+    out = io.StringIO()
+    pstats.Stats(prof_py, stream=out).sort_stats("tottime").print_stats(8)
+    print("\n".join("    " + line for line in out.getvalue().splitlines()[6:20]), flush=True)
 
 
 def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3  # us
+
+
+def host_us(fn, calls: int = 50) -> float:
+    """Host time per call: the wall clock of back-to-back calls, measured while the device keeps up."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) / calls * 1e6
+
+
+def graph_us(fn) -> float:
+    """Device time per call with the launches replayed from a CUDA graph (no host overhead)."""
+    return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median") * 1e3
+
+
+def tiling_of(opts: KernelOptions, tuned_before: set) -> str:
+    """The tiling the op ran with: what autotune picked for this workload, else the fixed options."""
+    if not opts.autotune:
+        return _short(opts)
+    picked = autotune.chosen_tilings()
+    return " / ".join(f"{key[0]} {_short(o)}" for key, o in picked.items() if key not in tuned_before)
+
+
+def _short(o: KernelOptions) -> str:
+    lowrank = f"lowrank {o.lowrank_rows} w{o.lowrank_warps}"
+    return f"cols {o.block_rows}x{o.block_cols} w{o.num_warps}/{o.bwd_num_warps} {lowrank}"
 
 
 def make_call(impl, inputs, kind, grad, dy, **kw):
@@ -101,30 +145,35 @@ def make_call(impl, inputs, kind, grad, dy, **kw):
     return run
 
 
-SWEEP = [(r, c, w) for r in (16, 32, 64) for c in (64, 128, 256) for w in (1, 2, 4) if r * c <= 8192]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="bench_op.json")
     ap.add_argument("--quick", action="store_true", help="fp32 only, no torch.compile peer")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile peer")
+    ap.add_argument(
+        "--compile-on", default="all", help="workloads[:mode] that get the torch.compile peer, e.g. wide:fwd+bwd"
+    )
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
     ap.add_argument("--block-rows", type=int, default=KernelOptions.block_rows)
     ap.add_argument("--block-cols", type=int, default=KernelOptions.block_cols)
     ap.add_argument("--num-warps", type=int, default=KernelOptions.num_warps)
     ap.add_argument("--bwd-num-warps", type=int, default=KernelOptions.bwd_num_warps)
+    ap.add_argument("--lowrank-rows", type=int, default=KernelOptions.lowrank_rows)
+    ap.add_argument("--lowrank-warps", type=int, default=KernelOptions.lowrank_warps)
     ap.add_argument("--dot-precision", default="tf32")
     ap.add_argument("--profile", action="store_true", help="also print each call's kernels and host time")
-    ap.add_argument("--sweep", action="store_true", help="time every (block_rows, block_cols, num_warps) of SWEEP")
+    ap.add_argument("--autotune", action="store_true", help="kernel.autotune: pick the tiling per shape")
+    ap.add_argument("--graph", action="store_true", help="also time the op replayed from a CUDA graph")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_op.py needs a CUDA device")
     dev = torch.device("cuda")
     opts = KernelOptions(
-        args.block_rows, args.block_cols, args.num_warps, False, args.dot_precision, args.bwd_num_warps
-    )
+        block_rows=args.block_rows, block_cols=args.block_cols, num_warps=args.num_warps,
+        dot_precision=args.dot_precision, bwd_num_warps=args.bwd_num_warps,
+        autotune=args.autotune, lowrank_rows=args.lowrank_rows, lowrank_warps=args.lowrank_warps,
+    )  # fmt: skip
     ref_compiled = torch.compile(seeded_reference, dynamic=False)
     rows = []
     dtypes = [torch.float32] if args.quick else [getattr(torch, d) for d in args.dtypes.split(",")]
@@ -140,27 +189,24 @@ def main() -> None:
             src = torch.empty(nbytes // 2, dtype=torch.uint8, device=dev)
             dst = torch.empty_like(src)
             t_copy = bench(lambda dst=dst, src=src: dst.copy_(src))
-            configs = [opts]
-            if args.sweep:
-                configs = [
-                    KernelOptions(r, cc, w, False, args.dot_precision, w2) for r, cc, w in SWEEP for w2 in (2, 4)
-                ]
-            timed = []
-            for cfg in configs:
-                try:
-                    timed.append((bench(make_call(seeded, inputs, kind, grad, dy, backend="triton", options=cfg,
-                                                  check_ids=False)), cfg))  # fmt: skip
-                except Exception as e:  # noqa: BLE001  one failing config is reported, the rest still run
-                    print(f"  {label} {cfg}: FAILED {type(e).__name__}: {e}"[:300], flush=True)
-            if not timed:
+            ours = make_call(seeded, inputs, kind, grad, dy, backend="triton", options=opts, check_ids=False)
+            tuned_before = set(autotune.chosen_tilings())
+            try:
+                t_ours = bench(ours)
+            except Exception as e:  # noqa: BLE001  one failing workload is reported, the rest still run
+                print(f"  {label}: FAILED {type(e).__name__}: {e}"[:300], flush=True)
                 continue
-            t_ours, best = min(timed, key=lambda tc: tc[0])
-            ours = make_call(seeded, inputs, kind, grad, dy, backend="triton", options=best, check_ids=False)
+            chosen = tiling_of(opts, tuned_before)
+            t_host = host_us(ours)
+            t_graph = graph_us(ours) if args.graph else float("nan")
+            t_copy_graph = graph_us(lambda dst=dst, src=src: dst.copy_(src)) if args.graph else float("nan")
             if args.profile:
                 profile_call(ours, label)
             t_eager = bench(make_call(seeded_reference, inputs, kind, grad, dy, check_ids=False))
             t_comp = float("nan")
-            if with_compile:
+            if with_compile and (args.compile_on == "all" or any(
+                w == name and m in ("", mode) for w, _, m in (s.partition(":") for s in args.compile_on.split(","))
+            )):  # fmt: skip
                 try:
                     t_comp = bench(make_call(ref_compiled, inputs, kind, grad, dy, check_ids=False))
                 except Exception as e:  # noqa: BLE001  a peer that fails to compile is reported, not fatal
@@ -169,14 +215,15 @@ def main() -> None:
                 "workload": name, "T": t, "N": n, "C": c, "kind": kind, "mix": mix, "dtype": row_dtype(dtype),
                 "mode": mode, "us": t_ours, "GBps": nbytes / t_ours / 1e3, "copy_GBps": nbytes / t_copy / 1e3,
                 "frac_of_copy": t_copy / t_ours, "speedup_eager": t_eager / t_ours, "speedup_compile": t_comp / t_ours,
-                "block_rows": best.block_rows, "block_cols": best.block_cols, "num_warps": best.num_warps,
+                "host_us": t_host, "graph_us": t_graph, "copy_graph_us": t_copy_graph,
+                "graph_frac_of_copy": min(t_copy, t_copy_graph) / t_graph, "tiling": chosen,
             }  # fmt: skip
             rows.append(row)
             print(
                 f"{name:10s} {mix:8s} {row['dtype']:9s} {mode:8s} {t_ours:9.1f} us {row['GBps']:8.0f} GB/s "
                 f"copy {row['copy_GBps']:6.0f} GB/s  {100 * row['frac_of_copy']:5.1f}% of copy  "
                 f"x{row['speedup_eager']:6.1f} eager  x{row['speedup_compile']:6.2f} compile  "
-                f"[{best.block_rows}x{best.block_cols} w{best.num_warps}]",
+                f"host {t_host:5.0f} us  graph {100 * row['graph_frac_of_copy']:5.1f}%  {chosen}",
                 flush=True,
             )
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}

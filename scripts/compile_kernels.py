@@ -1,24 +1,30 @@
 """Compile the seeded kernels for a GPU target without a GPU (Triton's frontend, LLVM and ptxas only).
 
-    TRITON_INTERPRET=0 python scripts/compile_kernels.py [--arch 90]
+    TRITON_INTERPRET=0 python scripts/compile_kernels.py [--arch 90] [--warps 2,4]
 
 Catches what the interpreter cannot (type errors in loop-carried values, shared-memory use) before any device
-time is spent; tests/kernels/test_compile.py runs it. Prints one line per variant with its shared memory.
+time is spent; tests/kernels/test_compile.py runs it. Prints one line per variant with its registers, spilled
+bytes (ptxas stack frame) and shared memory: the resource report that decides occupancy.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import os
+import subprocess
 import sys
+import tempfile
 
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from morpho_dist.kernels.seeded import KIND_DIAGONAL, KIND_LOWRANK, _seeded_bwd_kernel, _seeded_fwd_kernel
+from morpho_dist.kernels.columns import _columns_bwd_kernel, _columns_fwd_kernel
+from morpho_dist.kernels.lowrank import _lowrank_bwd_kernel, _lowrank_fwd_kernel
 
 _FLOAT_ARGS = {"dead_eps", "rec_scale", "inv_count"}
+_CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
 def _signature(fn, constexprs: dict, dtype: str) -> dict:
@@ -37,36 +43,60 @@ def _signature(fn, constexprs: dict, dtype: str) -> dict:
     return sig
 
 
+def _attrs(fn, signature: dict) -> dict:
+    """The specialisation a launch gives real inputs: 16-byte aligned pointers, sizes divisible by 16."""
+    divisible = {"H", "rows_per_split", "stats_split_stride", "grad_split_stride"}
+    return {
+        (i,): [["tt.divisibility", 16]]
+        for i, name in enumerate(fn.arg_names)
+        if signature[name].startswith("*") or name in divisible
+    }
+
+
+def _resources(kernel) -> str:
+    """Registers and stack frame from the cubin (cuobjdump -res-usage), when Triton ships cuobjdump."""
+    if not os.path.exists(_CUOBJDUMP):
+        return "regs=?"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(kernel.asm["cubin"])
+        f.flush()
+        out = subprocess.run([_CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True).stdout
+    fields = dict(kv.split(":") for line in out.splitlines() if "REG:" in line for kv in line.split() if ":" in kv)
+    return f"regs={fields.get('REG', '?')} stack={fields.get('STACK', '?')}"
+
+
+def variants(warps: list[int]):
+    """(kernel, constexprs, dtype, num_warps) of every compiled variant."""
+    common = [dict(USE_ATOMICS=not det, HAS_STATS=True) for det in (False, True)]
+    columns = [(False, 16, 16, 16, True), (False, 64, 4, 32, False), (True, 1, 256, 16, True), (True, 4, 16, 32, False)]
+    for (diag, cp, spp, bt, dense), c, dtype, w in itertools.product(columns, common, ["fp32", "bf16"], warps):
+        ce = dict(DIAGONAL=diag, BLOCK_T=bt, CP=cp, SPP=spp, DENSE=dense, **c)
+        yield _columns_fwd_kernel, ce, dtype, w
+        yield _columns_bwd_kernel, ce, dtype, w
+    for (cp, bt), c, dtype, w in itertools.product([(16, 64), (64, 32)], common, ["fp32", "bf16"], warps):
+        ce = dict(ACT=1, BLOCK_T=bt, CP=cp, RP=16, DOT_PRECISION="tf32", **c)
+        yield _lowrank_fwd_kernel, ce, dtype, w
+        yield _lowrank_bwd_kernel, ce, dtype, w
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", type=int, default=90)
+    ap.add_argument("--warps", default="4", help="comma-separated num_warps values to compile")
     args = ap.parse_args()
     target = GPUTarget("cuda", args.arch, 32)
     failures = 0
-    variants = itertools.product(
-        [
-            (KIND_LOWRANK, 16, 4, True),
-            (KIND_LOWRANK, 32, 2, False),
-            (KIND_DIAGONAL, 1, 64, True),
-            (KIND_DIAGONAL, 4, 16, False),
-        ],  # (kind, CP, SPP, DENSE)
-        [False, True],  # deterministic
-        ["fp32", "bf16"],
-    )
-    for (kind, cp, spp, dense), det, dtype in variants:
-        constexprs = dict(
-            KIND=kind, ACT=1, BLOCK_T=32, CP=cp, RP=16, SPP=spp, USE_ATOMICS=not det, HAS_STATS=True,
-            DOT_PRECISION="tf32", DENSE=dense,
-        )  # fmt: skip
-        for fn in (_seeded_fwd_kernel, _seeded_bwd_kernel):
-            name = f"{fn.__name__} kind={kind} CP={cp} SPP={spp} dense={dense} deterministic={det} {dtype}"
-            try:
-                src = ASTSource(fn, _signature(fn, constexprs, dtype), constexprs=constexprs)
-                kernel = triton.compile(src, target=target)
-                print(f"ok   {name}: shared={kernel.metadata.shared}", flush=True)
-            except Exception as e:  # noqa: BLE001  report every failing variant, then fail
-                failures += 1
-                print(f"FAIL {name}: {type(e).__name__}: {e}", flush=True)
+    for fn, constexprs, dtype, warps in variants([int(w) for w in args.warps.split(",")]):
+        shown = ", ".join(f"{k}={v}" for k, v in constexprs.items() if k not in ("HAS_STATS",))
+        name = f"{fn.__name__} [{shown}] {dtype} warps={warps}"
+        try:
+            sig = _signature(fn, constexprs, dtype)
+            src = ASTSource(fn, sig, constexprs=constexprs, attrs=_attrs(fn, sig))
+            kernel = triton.compile(src, target=target, options={"num_warps": warps})
+            print(f"ok   {name}: {_resources(kernel)} shared={kernel.metadata.shared}", flush=True)
+        except Exception as e:  # noqa: BLE001  report every failing variant, then fail
+            failures += 1
+            print(f"FAIL {name}: {type(e).__name__}: {e}", flush=True)
     return 1 if failures else 0
 
 

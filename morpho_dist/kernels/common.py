@@ -58,12 +58,39 @@ def _blend_grads(x, th, dy, a, bl):
 
 
 @triton.jit
+def _seed_flags(stage_ptr, blend_ptr, alpha_ptr, seeds, N):
+    """Per-seed (blend id, TRAINING, blended, trainable, reconstructs, effective alpha) of `seeds` (any shape)."""
+    smask = seeds < N
+    st = tl.load(stage_ptr + seeds, mask=smask, other=0).to(tl.int32)
+    bl = tl.load(blend_ptr + seeds, mask=smask, other=0).to(tl.int32)
+    alpha = tl.load(alpha_ptr + seeds, mask=smask, other=0.0)
+    training = st == 2
+    blended = (st >= 3) & (st <= 7)
+    trainable = training | (st == 3) | (st == 6)
+    reconstruct = training & (bl == 2)
+    a_eff = tl.where(blended, alpha, 1.0)  # TRAINING measures the full graft (alpha = 1)
+    return bl, training, blended, trainable, reconstruct, a_eff
+
+
+@triton.jit
 def _put(ptr, value, mask, USE_ATOMICS: tl.constexpr, IS_MAX: tl.constexpr):
     """Write a per-program partial result: atomically into a shared total, or plainly into its own slot."""
     if USE_ATOMICS:
         if IS_MAX:
-            tl.atomic_max(ptr, value, mask=mask)
+            tl.atomic_max(ptr, value, mask=mask, sem="relaxed")
         else:
-            tl.atomic_add(ptr, value, mask=mask)
+            tl.atomic_add(ptr, value, mask=mask, sem="relaxed")
     else:
         tl.store(ptr, value, mask=mask)
+
+
+@triton.jit
+def _put1(ptr, value, USE_ATOMICS: tl.constexpr, IS_MAX: tl.constexpr):
+    """_put for one scalar."""
+    if USE_ATOMICS:
+        if IS_MAX:
+            tl.atomic_max(ptr, value, sem="relaxed")
+        else:
+            tl.atomic_add(ptr, value, sem="relaxed")
+    else:
+        tl.store(ptr, value)

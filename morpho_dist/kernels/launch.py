@@ -1,5 +1,8 @@
 """Launchers of the seeded kernels: tile planning, result buffers, deterministic reductions.
 
+A diagonal layer runs the column kernel alone; a lowrank layer runs the column kernel over its idle seeds and
+the lowrank kernel over its TRAINING and blended seeds (each leaves the other's columns untouched).
+
 `seeded_forward` -> (y, rec_loss) and `seeded_backward` -> (dx, dp0, dp1); both add their telemetry fields to
 the [N, 8] buffer in place when one is given. Plain tensors in, plain tensors out: autograd lives in
 morpho_dist.ops.
@@ -13,26 +16,32 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from morpho_dist.kernels import autotune
+from morpho_dist.kernels.columns import _columns_bwd_kernel, _columns_fwd_kernel
 from morpho_dist.kernels.common import ACT_IDS
 from morpho_dist.kernels.layout import F_ABSMAX, NUM_FIELDS
+from morpho_dist.kernels.lowrank import _lowrank_bwd_kernel, _lowrank_fwd_kernel
 from morpho_dist.kernels.options import KernelOptions
-from morpho_dist.kernels.seeded import KIND_DIAGONAL, KIND_LOWRANK, _seeded_bwd_kernel, _seeded_fwd_kernel
 
-_KIND_IDS = {"lowrank": KIND_LOWRANK, "diagonal": KIND_DIAGONAL}
-_MAX_LOWRANK_TILE_ELEMS = 4096  # rows x band columns of a lowrank tile: the backward's dots fit in shared memory
-_MAX_LOWRANK_BAND = 64  # lowrank band columns: the backward's block-diagonal dots fit in shared memory
+_MAX_LOWRANK_TILE_ELEMS = 4096  # rows x chunk of a lowrank tile: the backward's dots stay in registers
+
+
+@dataclass(frozen=True)
+class GridPlan:
+    block_t: int  # rows per tile
+    chunk_tile: int  # CP: columns of one seed in a tile
+    seeds_per_prog: int  # SPP (1 for the lowrank kernels)
+    groups: int  # grid dim 1
+    splits: int  # grid dim 0: row ranges
+    rows_per_split: int
+    dense: bool  # chunk == chunk_tile: a group's features are one contiguous range
 
 
 @dataclass(frozen=True)
 class TilePlan:
-    block_t: int  # rows per tile
-    chunk_tile: int  # CP: columns of one seed in the band (lowrank: the whole chunk, padded)
-    rank_tile: int  # RP: lowrank rank, padded (16 for diagonal: unused)
-    seeds_per_prog: int  # SPP
-    groups: int  # grid dim 1: seed bands
-    splits: int  # grid dim 0: row ranges
-    rows_per_split: int
-    dense: bool  # chunk == chunk_tile: the band is one contiguous feature range
+    columns: GridPlan
+    lowrank: GridPlan | None  # None for diagonal layers
+    rank_tile: int  # RP: lowrank rank, padded to a power of two >= 16
 
 
 @functools.lru_cache(maxsize=8)
@@ -42,44 +51,50 @@ def _target_programs(device: torch.device) -> int:
     return 4  # Triton interpreter: a few programs still exercise the split path
 
 
-@functools.lru_cache(maxsize=1024)
-def plan_tiles(kind: str, rows: int, seeds: int, chunk: int, rank: int, opts: KernelOptions, device) -> TilePlan:
-    pow2_chunk = triton.next_power_of_2(chunk)
-    if kind == "lowrank":
-        chunk_tile = max(16, pow2_chunk)  # tl.dot needs every dim >= 16
-        rank_tile = max(16, triton.next_power_of_2(rank))
-    else:
-        chunk_tile, rank_tile = min(pow2_chunk, opts.block_cols), 16
-    band_cap = min(opts.block_cols, _MAX_LOWRANK_BAND) if kind == "lowrank" else opts.block_cols
-    seeds_per_prog = max(1, min(band_cap // chunk_tile, triton.next_power_of_2(seeds)))
-    band = seeds_per_prog * chunk_tile
-    block_t = opts.block_rows
-    while kind == "lowrank" and block_t > 16 and block_t * band > _MAX_LOWRANK_TILE_ELEMS:
-        block_t //= 2
-    groups = triton.cdiv(seeds, seeds_per_prog)
+def _grid(rows: int, groups: int, block_t: int, target: int) -> tuple[int, int]:
     tiles = triton.cdiv(rows, block_t)
-    splits = max(1, min(tiles, triton.cdiv(_target_programs(device), groups)))
+    splits = max(1, min(tiles, triton.cdiv(target, groups)))
     tiles_per_split = triton.cdiv(tiles, splits)
-    splits = triton.cdiv(tiles, tiles_per_split)
-    return TilePlan(
-        block_t, chunk_tile, rank_tile, seeds_per_prog, groups, splits, tiles_per_split * block_t, chunk == chunk_tile
-    )
+    return triton.cdiv(tiles, tiles_per_split), tiles_per_split * block_t
 
 
-def _plan(kind, x2, stage, p0, opts) -> tuple[TilePlan, int, int, int, int]:
+def column_tile_width(opts: KernelOptions, warps: int, elem_size: int) -> int:
+    """block_cols, or for block_cols=0 the width at which every warp covers 512 contiguous bytes of a row: the
+    tile's warps then all lie along the row and the per-seed row sums of the telemetry stay in-thread."""
+    return opts.block_cols or warps * 512 // elem_size
+
+
+@functools.lru_cache(maxsize=1024)
+def plan_tiles(
+    kind: str, rows: int, seeds: int, chunk: int, rank: int, opts: KernelOptions, device, warps: int, elem_size: int
+) -> TilePlan:
+    target = _target_programs(device)
+    pow2_chunk = triton.next_power_of_2(chunk)
+    width = column_tile_width(opts, warps, elem_size)
+    cp = min(pow2_chunk, width)
+    spp = max(1, min(width // cp, triton.next_power_of_2(seeds)))
+    groups = triton.cdiv(seeds, spp)
+    splits, rows_per_split = _grid(rows, groups, opts.block_rows, target)
+    columns = GridPlan(opts.block_rows, cp, spp, groups, splits, rows_per_split, chunk == cp)
+    if kind != "lowrank":
+        return TilePlan(columns, None, 16)
+    cp = max(16, pow2_chunk)  # tl.dot needs every dim >= 16
+    block_t = opts.lowrank_rows
+    while block_t > 16 and block_t * cp > _MAX_LOWRANK_TILE_ELEMS:
+        block_t //= 2
+    # Programs of idle seeds return at once: plan as if a quarter of the seeds were active.
+    splits, rows_per_split = _grid(rows, seeds, block_t, 4 * target)
+    lowrank = GridPlan(block_t, cp, 1, seeds, splits, rows_per_split, chunk == cp)
+    return TilePlan(columns, lowrank, max(16, triton.next_power_of_2(rank)))
+
+
+def _plan(kind, x2, stage, p0, opts, warps) -> tuple[TilePlan, int, int, int, int]:
     rows, hidden = x2.shape
     seeds = stage.numel()
     chunk = hidden // seeds
     rank = p0.shape[2] if kind == "lowrank" else 1
-    return plan_tiles(kind, rows, seeds, chunk, rank, opts, x2.device), rows, seeds, chunk, rank
-
-
-def _constexprs(kind, act, plan: TilePlan, opts: KernelOptions, has_stats: bool, num_warps: int) -> dict:
-    return dict(
-        KIND=_KIND_IDS[kind], ACT=ACT_IDS[act], BLOCK_T=plan.block_t, CP=plan.chunk_tile, RP=plan.rank_tile,
-        SPP=plan.seeds_per_prog, USE_ATOMICS=not opts.deterministic, HAS_STATS=has_stats,
-        DOT_PRECISION=opts.dot_precision, DENSE=plan.dense, num_warps=num_warps,
-    )  # fmt: skip
+    plan = plan_tiles(kind, rows, seeds, chunk, rank, opts, x2.device, warps, x2.element_size())
+    return plan, rows, seeds, chunk, rank
 
 
 def _merge_partials(telemetry: torch.Tensor, parts: torch.Tensor) -> None:
@@ -90,47 +105,101 @@ def _merge_partials(telemetry: torch.Tensor, parts: torch.Tensor) -> None:
     telemetry.add_(total)
 
 
+def _stats_buffer(plan: TilePlan, seeds: int, telemetry, x2, opts: KernelOptions):
+    """Where the kernels put telemetry: the buffer itself (atomics) or per-split slots (deterministic)."""
+    if telemetry is None:
+        return x2, 0  # an unused pointer
+    if not opts.deterministic:
+        return telemetry, 0
+    splits = max(plan.columns.splits, plan.lowrank.splits if plan.lowrank else 0)
+    return torch.zeros(splits, seeds, NUM_FIELDS, device=x2.device), seeds * NUM_FIELDS
+
+
+def _shape_key(kind, act, x2, stage, p0, telemetry) -> tuple:
+    return (kind, act, *x2.shape, stage.numel(), tuple(p0.shape), x2.dtype, p0.dtype, telemetry is not None)
+
+
 def seeded_forward(x2, stage, blend, alpha, p0, p1, telemetry, *, kind, act, dead_eps, opts: KernelOptions):
-    plan, rows, seeds, chunk, rank = _plan(kind, x2, stage, p0, opts)
+    if opts.autotune:
+
+        def trials():  # made on a cache miss only: the trials write a scratch copy of the telemetry
+            scratch = None if telemetry is None else telemetry.clone()
+            return lambda o: _forward(x2, stage, blend, alpha, p0, p1, scratch, kind, act, dead_eps, o)
+
+        key = _shape_key(kind, act, x2, stage, p0, telemetry)
+        opts = autotune.tuned("fwd", key, opts, x2.device, trials, lowrank=kind == "lowrank")
+    return _forward(x2, stage, blend, alpha, p0, p1, telemetry, kind, act, dead_eps, opts)
+
+
+def _forward(x2, stage, blend, alpha, p0, p1, telemetry, kind, act, dead_eps, opts: KernelOptions):
+    plan, rows, seeds, chunk, rank = _plan(kind, x2, stage, p0, opts, opts.num_warps)
+    cols, low = plan.columns, plan.lowrank
     y2 = torch.empty_like(x2)
     has_stats = telemetry is not None
-    if opts.deterministic:
-        stats = torch.zeros(plan.splits, seeds, NUM_FIELDS, device=x2.device) if has_stats else x2
-        rec = torch.zeros(plan.splits * plan.groups, device=x2.device)
-    else:
-        stats = telemetry if has_stats else x2  # an unused pointer when there is no telemetry
-        rec = torch.zeros(1, device=x2.device)
-    _seeded_fwd_kernel[(plan.splits, plan.groups)](
+    stats, stats_stride = _stats_buffer(plan, seeds, telemetry, x2, opts)
+    det = opts.deterministic
+    n_cols = cols.splits * cols.groups
+    rec = torch.zeros(n_cols + (low.splits * low.groups if low else 0) if det else 1, device=x2.device)
+    common = dict(USE_ATOMICS=not det, HAS_STATS=has_stats, num_warps=opts.num_warps)
+    _columns_fwd_kernel[(cols.splits, cols.groups)](
         x2, y2, stage, blend, alpha, p0, p1, stats, rec,
-        rows, x2.shape[1], seeds, chunk, rank, plan.rows_per_split,
-        seeds * NUM_FIELDS if opts.deterministic else 0, 1 if opts.deterministic else 0,
-        dead_eps, 0.5 / (rows * chunk),
-        **_constexprs(kind, act, plan, opts, has_stats, opts.num_warps),
+        rows, x2.shape[1], seeds, chunk, cols.rows_per_split, stats_stride, int(det), dead_eps, 0.5 / (rows * chunk),
+        DIAGONAL=kind == "diagonal", BLOCK_T=cols.block_t, CP=cols.chunk_tile, SPP=cols.seeds_per_prog,
+        DENSE=cols.dense, **common,
     )  # fmt: skip
-    if opts.deterministic and has_stats:
+    if low is not None:
+        _lowrank_fwd_kernel[(low.splits, low.groups)](
+            x2, y2, stage, blend, alpha, p0, p1, stats, rec[n_cols:] if det else rec,
+            rows, x2.shape[1], seeds, chunk, rank, low.rows_per_split, stats_stride, int(det), dead_eps,
+            0.5 / (rows * chunk),
+            ACT=ACT_IDS[act], BLOCK_T=low.block_t, CP=low.chunk_tile, RP=plan.rank_tile,
+            DOT_PRECISION=opts.dot_precision, **{**common, "num_warps": opts.lowrank_warps},
+        )  # fmt: skip
+    if det and has_stats:
         _merge_partials(telemetry, stats)
-    return y2, rec.sum() if opts.deterministic else rec.view(())
+    return y2, rec.sum() if det else rec.view(())
 
 
 def seeded_backward(x2, dy2, drec, stage, blend, alpha, p0, p1, telemetry, *, kind, act, opts: KernelOptions):
-    plan, rows, seeds, chunk, rank = _plan(kind, x2, stage, p0, opts)
+    if opts.autotune:
+
+        def trials():
+            scratch = None if telemetry is None else telemetry.clone()
+            return lambda o: _backward(x2, dy2, drec, stage, blend, alpha, p0, p1, scratch, kind, act, o)
+
+        key = _shape_key(kind, act, x2, stage, p0, telemetry)
+        opts = autotune.tuned("bwd", key, opts, x2.device, trials, lowrank=kind == "lowrank")
+    return _backward(x2, dy2, drec, stage, blend, alpha, p0, p1, telemetry, kind, act, opts)
+
+
+def _backward(x2, dy2, drec, stage, blend, alpha, p0, p1, telemetry, kind, act, opts: KernelOptions):
+    plan, rows, seeds, chunk, rank = _plan(kind, x2, stage, p0, opts, opts.bwd_num_warps)
+    cols, low = plan.columns, plan.lowrank
     dx2 = torch.empty_like(x2)
-    lead = (plan.splits,) if opts.deterministic else ()
+    det = opts.deterministic
+    grad_splits = (low or cols).splits  # lowrank: only the lowrank kernels have parameter gradients
+    lead = (grad_splits,) if det else ()
     g0 = torch.zeros(*lead, *p0.shape, device=x2.device)
     g1 = torch.zeros(*lead, *p1.shape, device=x2.device)
     has_stats = telemetry is not None
-    if opts.deterministic:
-        stats = torch.zeros(plan.splits, seeds, NUM_FIELDS, device=x2.device) if has_stats else x2
-    else:
-        stats = telemetry if has_stats else x2
-    _seeded_bwd_kernel[(plan.splits, plan.groups)](
+    stats, stats_stride = _stats_buffer(plan, seeds, telemetry, x2, opts)
+    grad_stride = p0.numel() if det else 0
+    common = dict(USE_ATOMICS=not det, HAS_STATS=has_stats, num_warps=opts.bwd_num_warps)
+    _columns_bwd_kernel[(cols.splits, cols.groups)](
         x2, dy2, dx2, stage, blend, alpha, p0, p1, drec, g0, g1, stats,
-        rows, x2.shape[1], seeds, chunk, rank, plan.rows_per_split,
-        seeds * NUM_FIELDS if opts.deterministic else 0, p0.numel() if opts.deterministic else 0,
-        1.0 / (rows * chunk),
-        **_constexprs(kind, act, plan, opts, has_stats, opts.bwd_num_warps),
+        rows, x2.shape[1], seeds, chunk, cols.rows_per_split, stats_stride, grad_stride, 1.0 / (rows * chunk),
+        DIAGONAL=kind == "diagonal", BLOCK_T=cols.block_t, CP=cols.chunk_tile, SPP=cols.seeds_per_prog,
+        DENSE=cols.dense, **common,
     )  # fmt: skip
-    if opts.deterministic:
+    if low is not None:
+        _lowrank_bwd_kernel[(low.splits, low.groups)](
+            x2, dy2, dx2, stage, blend, alpha, p0, p1, drec, g0, g1, stats,
+            rows, x2.shape[1], seeds, chunk, rank, low.rows_per_split, stats_stride, grad_stride,
+            1.0 / (rows * chunk),
+            ACT=ACT_IDS[act], BLOCK_T=low.block_t, CP=low.chunk_tile, RP=plan.rank_tile,
+            DOT_PRECISION=opts.dot_precision, **{**common, "num_warps": opts.lowrank_warps},
+        )  # fmt: skip
+    if det:
         if has_stats:
             _merge_partials(telemetry, stats)
         g0, g1 = g0.sum(0), g1.sum(0)

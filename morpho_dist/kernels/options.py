@@ -13,22 +13,38 @@ def _is_pow2(v: int) -> bool:
 
 @dataclass(frozen=True)
 class KernelOptions:
-    block_rows: int = 32  # rows per tile
-    block_cols: int = 64  # features per tile (several seeds when the chunk is narrower)
-    num_warps: int = 2  # few warps per program: the per-tile column sums stay inside a warp
+    """Tiles and warps of the seeded kernels.
+
+    The column kernels (every seed of a diagonal layer, the idle seeds of a lowrank one) walk
+    [block_rows, block_cols] tiles with num_warps (bwd_num_warps backward); block_cols=0 (the default) sizes the
+    tile so that each warp covers 512 contiguous bytes of a row (num_warps * 512 / element size columns), which
+    keeps the per-seed row sums of the telemetry inside each thread. The lowrank
+    kernels (the TRAINING and blended seeds of a lowrank layer) walk [lowrank_rows, chunk] tiles with
+    lowrank_warps.
+    """
+
+    block_rows: int = 8  # rows per column-kernel tile
+    block_cols: int = 0  # features per column-kernel tile (several seeds when the chunk is narrower); 0: auto
+    num_warps: int = 2
     deterministic: bool = False  # True: no float atomics on the result path (bit-identical run to run)
     dot_precision: str = "ieee"  # fp32 tl.dot precision for lowrank
-    bwd_num_warps: int = 4  # the backward runs five dots per tile and wants more warps than the forward
+    bwd_num_warps: int = 2
+    autotune: bool = False  # True: time a few tilings per shape on first use and keep the fastest (per process)
+    lowrank_rows: int = 64  # rows per lowrank-kernel tile (>= 16: tl.dot)
+    lowrank_warps: int = 4
 
     def __post_init__(self) -> None:
-        for name in ("block_rows", "block_cols", "num_warps", "bwd_num_warps"):
+        for name in ("block_rows", "block_cols", "num_warps", "bwd_num_warps", "lowrank_rows", "lowrank_warps"):
             v = getattr(self, name)
-            if not _is_pow2(v):
-                raise ValueError(f"kernel.{name} must be a power of two, got {v!r}")
-        if self.block_rows < 16:
-            raise ValueError(f"kernel.block_rows must be >= 16 (tl.dot tiles), got {self.block_rows}")
-        for name in ("num_warps", "bwd_num_warps"):
+            if not (_is_pow2(v) or (name == "block_cols" and v == 0 and isinstance(v, int))):
+                extra = " (or 0 for auto)" if name == "block_cols" else ""
+                raise ValueError(f"kernel.{name} must be a power of two{extra}, got {v!r}")
+        if self.lowrank_rows < 16:
+            raise ValueError(f"kernel.lowrank_rows must be >= 16 (tl.dot tiles), got {self.lowrank_rows}")
+        for name in ("num_warps", "bwd_num_warps", "lowrank_warps"):
             if getattr(self, name) > 32:
                 raise ValueError(f"kernel.{name} must be one of [1, 2, 4, 8, 16, 32], got {getattr(self, name)}")
         if self.dot_precision not in DOT_PRECISIONS:
             raise ValueError(f"kernel.dot_precision must be one of {list(DOT_PRECISIONS)}, got {self.dot_precision!r}")
+        if not isinstance(self.deterministic, bool) or not isinstance(self.autotune, bool):
+            raise ValueError("kernel.deterministic and kernel.autotune must be booleans")

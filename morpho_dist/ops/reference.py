@@ -28,6 +28,11 @@ from morpho_dist.kernels.layout import (
 from morpho_dist.lifecycle import Stage
 from morpho_dist.ops.validation import check_seeded_args
 
+# Plain ints, not the IntEnum members, where they meet tensors: torch.compile (Dynamo in torch 2.13) folds
+# ``tensor == IntEnum`` to a constant False instead of comparing values.
+_ADDITIVE, _MULTIPLICATIVE, _LINEAR = int(Blend.ADDITIVE), int(Blend.MULTIPLICATIVE), int(Blend.LINEAR)
+_GRAFTING, _FINE_TUNING = int(Stage.GRAFTING), int(Stage.FINE_TUNING)
+
 
 def blueprint_output(kind: str, xc: torch.Tensor, p0: torch.Tensor, p1: torch.Tensor, act: str) -> torch.Tensor:
     """u = bp_n(x_c) for every seed at once; xc is [T, N, C]."""
@@ -43,9 +48,7 @@ def blend_values(x: torch.Tensor, u: torch.Tensor, alpha: torch.Tensor, blend: t
     additive = x + alpha * u
     multiplicative = x * (1 + alpha * torch.tanh(u))
     linear = (1 - alpha) * x + alpha * u
-    return torch.where(
-        blend == Blend.ADDITIVE, additive, torch.where(blend == Blend.MULTIPLICATIVE, multiplicative, linear)
-    )
+    return torch.where(blend == _ADDITIVE, additive, torch.where(blend == _MULTIPLICATIVE, multiplicative, linear))
 
 
 class _IncubatorTap(torch.autograd.Function):
@@ -113,9 +116,9 @@ def seeded_reference(
     st = stage.long()
     training = st == TRAINING_ID
     blended = (st >= BLENDED_LO) & (st <= BLENDED_HI)
-    trainable = (st == Stage.GRAFTING) | (st == Stage.FINE_TUNING)
+    trainable = (st == _GRAFTING) | (st == _FINE_TUNING)
     bl = blend.long()[None, :, None]
-    is_linear = blend.long() == Blend.LINEAR
+    is_linear = blend.long() == _LINEAR
     incubator = training & ~is_linear
     reconstruct = training & is_linear
 

@@ -8,6 +8,8 @@ directly: the custom-op dispatcher costs tens of microseconds a call, which matt
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from torch import Tensor
 
@@ -60,8 +62,12 @@ def seeded_fwd(
     x: Tensor, stage: Tensor, blend: Tensor, alpha: Tensor, p0: Tensor, p1: Tensor, telemetry: Tensor | None,
     kind: str, act: str, dead_eps: float,
     block_rows: int, block_cols: int, num_warps: int, deterministic: bool, dot_precision: str, bwd_num_warps: int,
+    autotune: bool, lowrank_rows: int, lowrank_warps: int,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
-    opts = KernelOptions(block_rows, block_cols, num_warps, deterministic, dot_precision, bwd_num_warps)
+    opts = KernelOptions(
+        block_rows, block_cols, num_warps, deterministic, dot_precision, bwd_num_warps, autotune,
+        lowrank_rows, lowrank_warps,
+    )  # fmt: skip
     return _forward_impl(x, stage, blend, alpha, p0, p1, telemetry, kind, act, dead_eps, opts)
 
 
@@ -75,8 +81,12 @@ def seeded_bwd(
     dy: Tensor, drec: Tensor, x: Tensor, stage: Tensor, blend: Tensor, alpha: Tensor, p0: Tensor, p1: Tensor,
     telemetry: Tensor | None, kind: str, act: str,
     block_rows: int, block_cols: int, num_warps: int, deterministic: bool, dot_precision: str, bwd_num_warps: int,
+    autotune: bool, lowrank_rows: int, lowrank_warps: int,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    opts = KernelOptions(block_rows, block_cols, num_warps, deterministic, dot_precision, bwd_num_warps)
+    opts = KernelOptions(
+        block_rows, block_cols, num_warps, deterministic, dot_precision, bwd_num_warps, autotune,
+        lowrank_rows, lowrank_warps,
+    )  # fmt: skip
     return _backward_impl(dy, drec, x, stage, blend, alpha, p0, p1, telemetry, kind, act, opts)
 
 
@@ -86,14 +96,9 @@ def _(dy, drec, x, stage, blend, alpha, p0, p1, telemetry, *args):
 
 
 def _static(opts: KernelOptions) -> tuple:
-    return (
-        opts.block_rows,
-        opts.block_cols,
-        opts.num_warps,
-        opts.deterministic,
-        opts.dot_precision,
-        opts.bwd_num_warps,
-    )
+    # The custom ops take the options field by field, in KernelOptions' order. Not dataclasses.astuple: it
+    # deep-copies every field, which Dynamo (torch 2.11) cannot trace (a graph break under torch.compile).
+    return tuple(getattr(opts, f.name) for f in dataclasses.fields(opts))
 
 
 class _SeededFunction(torch.autograd.Function):

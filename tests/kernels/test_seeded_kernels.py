@@ -147,10 +147,25 @@ def test_block_shapes_and_paths_agree(device, kind, n, c, deterministic):
     """Different tilings, row splits and the atomic vs deterministic result paths give the reference's answer."""
     case = make_case((70,), n, c, kind=kind, rank=16, blend="mixed", dtype=torch.float32, device=device, seed=3)
     want = run_op(case, kind=kind, act="gelu_tanh", backend="reference")
-    for rows, cols in [(16, 16), (32, 64), (64, 128)]:
-        opts = KernelOptions(block_rows=rows, block_cols=cols, deterministic=deterministic)
+    tilings = [(16, 16, 16), (32, 64, 32), (8, 0, 64), (4, 128, 16), (1, 512, 128), (2, 0, 16)]
+    for rows, cols, lowrank_rows in tilings:
+        opts = KernelOptions(block_rows=rows, block_cols=cols, deterministic=deterministic, lowrank_rows=lowrank_rows)
         got = run_op(case, kind=kind, act="gelu_tanh", backend="triton", options=opts)
-        assert_matches(got, want, torch.float32, 1e-5, 1e-5)
+        try:
+            assert_matches(got, want, torch.float32, 1e-5, 1e-5)
+        except AssertionError as e:
+            raise AssertionError(f"{opts}: {e}") from None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind, n, c", [("lowrank", 6, 16), ("diagonal", 24, 2)])
+def test_autotune_matches_reference_and_trials_leave_telemetry_alone(device, kind, n, c):
+    """kernel.autotune times candidate tilings on scratch buffers: one call's telemetry is counted once."""
+    case = make_case((70,), n, c, kind=kind, rank=16, blend="mixed", dtype=torch.float32, device=device, seed=4)
+    want = run_op(case, kind=kind, act="relu", backend="reference")
+    got = run_op(case, kind=kind, act="relu", backend="triton", options=KernelOptions(autotune=True))
+    assert_matches(got, want, torch.float32, 1e-5, 1e-5)
+    assert got["tel"][:, 0].tolist() == [70.0 * c] * n
 
 
 @pytest.mark.parametrize("device", DEVICES)

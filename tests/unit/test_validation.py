@@ -219,8 +219,9 @@ def test_backend_resolution(monkeypatch):
 
 def test_kernel_options_defaults_are_valid():
     o = KernelOptions()
-    assert (o.block_rows, o.block_cols, o.num_warps, o.deterministic) == (32, 64, 2, False)
-    KernelOptions(block_rows=16, block_cols=16, num_warps=1, deterministic=True, dot_precision="tf32")
+    assert (o.block_rows, o.block_cols, o.num_warps, o.deterministic, o.autotune) == (8, 0, 2, False, False)
+    assert (o.lowrank_rows, o.lowrank_warps) == (64, 4)
+    KernelOptions(block_rows=1, block_cols=16, num_warps=1, deterministic=True, dot_precision="tf32", autotune=True)
 
 
 @pytest.mark.parametrize(
@@ -229,8 +230,10 @@ def test_kernel_options_defaults_are_valid():
         ({"block_rows": 48}, r"kernel\.block_rows must be a power of two, got 48"),
         ({"block_rows": 0}, r"kernel\.block_rows must be a power of two"),
         ({"block_rows": 64.0}, r"kernel\.block_rows must be a power of two"),
-        ({"block_rows": 8}, r"kernel\.block_rows must be >= 16"),
-        ({"block_cols": 100}, r"kernel\.block_cols must be a power of two, got 100"),
+        ({"lowrank_rows": 8}, r"kernel\.lowrank_rows must be >= 16"),
+        ({"lowrank_warps": 6}, r"kernel\.lowrank_warps must be a power of two, got 6"),
+        ({"autotune": "yes"}, r"kernel\.deterministic and kernel\.autotune must be booleans"),
+        ({"block_cols": 100}, r"kernel\.block_cols must be a power of two \(or 0 for auto\), got 100"),
         ({"block_cols": -128}, r"kernel\.block_cols must be a power of two"),
         ({"num_warps": 3}, r"kernel\.num_warps must be a power of two, got 3"),
         ({"num_warps": 64}, r"kernel\.num_warps must be one of \[1, 2, 4, 8, 16, 32\]"),
