@@ -23,6 +23,9 @@ from morpho_dist.kernels.layout import F_ABSMAX, NUM_FIELDS
 from morpho_dist.kernels.lowrank import _lowrank_bwd_kernel, _lowrank_fwd_kernel
 from morpho_dist.kernels.options import KernelOptions
 
+# The row loops stream tiles once; Triton's software pipeliner (3 stages by default on sm_90) gains nothing there
+# and mis-compiled the lowrank backward's conditional dA accumulation (wrong fp32 dA on an H100, Triton 3.6).
+_NUM_STAGES = 1
 _MAX_LOWRANK_TILE_ELEMS = 4096  # rows x chunk of a lowrank tile: the backward's dots stay in registers
 
 
@@ -140,7 +143,7 @@ def _forward(x2, stage, blend, alpha, p0, p1, telemetry, kind, act, dead_eps, op
     det = opts.deterministic
     n_cols = cols.splits * cols.groups
     rec = torch.zeros(n_cols + (low.splits * low.groups if low else 0) if det else 1, device=x2.device)
-    common = dict(USE_ATOMICS=not det, HAS_STATS=has_stats, num_warps=opts.num_warps)
+    common = dict(USE_ATOMICS=not det, HAS_STATS=has_stats, num_warps=opts.num_warps, num_stages=_NUM_STAGES)
     _columns_fwd_kernel[(cols.splits, cols.groups)](
         x2, y2, stage, blend, alpha, p0, p1, stats, rec,
         rows, x2.shape[1], seeds, chunk, cols.rows_per_split, stats_stride, int(det), dead_eps, 0.5 / (rows * chunk),
@@ -184,7 +187,7 @@ def _backward(x2, dy2, drec, stage, blend, alpha, p0, p1, telemetry, kind, act, 
     has_stats = telemetry is not None
     stats, stats_stride = _stats_buffer(plan, seeds, telemetry, x2, opts)
     grad_stride = p0.numel() if det else 0
-    common = dict(USE_ATOMICS=not det, HAS_STATS=has_stats, num_warps=opts.bwd_num_warps)
+    common = dict(USE_ATOMICS=not det, HAS_STATS=has_stats, num_warps=opts.bwd_num_warps, num_stages=_NUM_STAGES)
     _columns_bwd_kernel[(cols.splits, cols.groups)](
         x2, dy2, dx2, stage, blend, alpha, p0, p1, drec, g0, g1, stats,
         rows, x2.shape[1], seeds, chunk, cols.rows_per_split, stats_stride, grad_stride, 1.0 / (rows * chunk),
