@@ -8,8 +8,7 @@ Tiling. Grid = (row splits, seed groups). A program owns SPP consecutive seeds a
 walked in [BLOCK_T, SPP, CP] tiles (CP = chunk tile; chunks wider than CP are walked in CP-wide steps). The
 tile is 3-D so that per-seed values broadcast along the chunk axis: masks stay constant over 16-byte vectors
 and loads and stores stay vectorised, and Triton spreads a warp's threads over columns first, so the row sums
-of the telemetry are mostly in-thread. The row loop loads the next tile before it works on the current one, so
-two tiles are in flight per program.
+of the telemetry are mostly in-thread.
 
 Results. Per-seed telemetry, rec_loss and parameter gradients are reduced inside the program and written once:
 atomically into the totals, or (deterministic) into the program's own slot that the launcher sums in a fixed
@@ -53,7 +52,6 @@ def _columns_fwd_kernel(
     split = tl.program_id(0)
     group = tl.program_id(1)
     row_lo = split * rows_per_split
-    row_end = tl.minimum(row_lo + rows_per_split, T)
     s = group * SPP + tl.arange(0, SPP)
     bl, training, blended, _trainable, reconstruct, a_eff = _seed_flags(stage_ptr, blend_ptr, alpha_ptr, s, N)
     active = training | blended
@@ -77,20 +75,11 @@ def _columns_fwd_kernel(
             if DIAGONAL:
                 g = tl.load(g_ptr + feats, mask=cmask, other=0.0).to(tl.float32)
                 b = tl.load(b_ptr + feats, mask=cmask, other=0.0).to(tl.float32)
-            cm3 = cmask[None, :, :] & own3
-            rows = row_lo + offs_t
-            xr_next = tl.load(
-                x_ptr + rows[:, None, None] * H + feats[None, :, :],
-                mask=(rows < row_end)[:, None, None] & cm3,
-                other=0.0,
-            )
-            for t0 in range(row_lo, row_end, BLOCK_T):
+            for t0 in range(row_lo, row_lo + rows_per_split, BLOCK_T):
                 rows = t0 + offs_t
-                m = (rows < row_end)[:, None, None] & cm3
+                m = (rows < T)[:, None, None] & cmask[None, :, :] & own3
                 offs = rows[:, None, None] * H + feats[None, :, :]
-                xr = xr_next
-                m_next = ((rows + BLOCK_T) < row_end)[:, None, None] & cm3
-                xr_next = tl.load(x_ptr + offs + BLOCK_T * H, mask=m_next, other=0.0)  # in flight during this tile
+                xr = tl.load(x_ptr + offs, mask=m, other=0.0)
                 x = xr.to(tl.float32)
                 ax = tl.abs(x)
                 acc_sum += tl.sum(x, axis=0)
@@ -135,7 +124,6 @@ def _columns_bwd_kernel(
     split = tl.program_id(0)
     group = tl.program_id(1)
     row_lo = split * rows_per_split
-    row_end = tl.minimum(row_lo + rows_per_split, T)
     s = group * SPP + tl.arange(0, SPP)
     bl, training, blended, trainable, reconstruct, a_eff = _seed_flags(stage_ptr, blend_ptr, alpha_ptr, s, N)
     active = training | blended
@@ -160,20 +148,11 @@ def _columns_bwd_kernel(
             if DIAGONAL:
                 g = tl.load(g_ptr + feats, mask=cmask, other=0.0).to(tl.float32)
                 b = tl.load(b_ptr + feats, mask=cmask, other=0.0).to(tl.float32)
-            cm3 = cmask[None, :, :] & own3
-            rows = row_lo + offs_t
-            dyr_next = tl.load(
-                dy_ptr + rows[:, None, None] * H + feats[None, :, :],
-                mask=(rows < row_end)[:, None, None] & cm3,
-                other=0.0,
-            )
-            for t0 in range(row_lo, row_end, BLOCK_T):
+            for t0 in range(row_lo, row_lo + rows_per_split, BLOCK_T):
                 rows = t0 + offs_t
-                m = (rows < row_end)[:, None, None] & cm3
+                m = (rows < T)[:, None, None] & cmask[None, :, :] & own3
                 offs = rows[:, None, None] * H + feats[None, :, :]
-                dyr = dyr_next
-                m_next = ((rows + BLOCK_T) < row_end)[:, None, None] & cm3
-                dyr_next = tl.load(dy_ptr + offs + BLOCK_T * H, mask=m_next, other=0.0)  # in flight during this tile
+                dyr = tl.load(dy_ptr + offs, mask=m, other=0.0)
                 dy = dyr.to(tl.float32)
                 acc_gsq += tl.sum(dy * dy, axis=0)
                 out = dyr  # idle and TRAINING seeds: dx is dy, bit for bit

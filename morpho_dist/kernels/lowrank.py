@@ -47,7 +47,6 @@ def _lowrank_fwd_kernel(
     bl, training, blended, _trainable, reconstruct, a_eff = _seed_flags(stage_ptr, blend_ptr, alpha_ptr, seed, N)
     if training | blended:
         row_lo = split * rows_per_split
-        row_end = tl.minimum(row_lo + rows_per_split, T)
         a, b, c, cmask, _wmask = _seed_weights(a_ptr, b_ptr, seed, C, R, CP, RP)
         feats = seed * C + c
         offs_t = tl.arange(0, BLOCK_T)
@@ -56,16 +55,11 @@ def _lowrank_fwd_kernel(
         acc_dead = tl.zeros([CP], tl.float32)
         acc_max = tl.zeros([CP], tl.float32)
         acc_delta = tl.zeros([CP], tl.float32)
-        rows = row_lo + offs_t
-        m_next = (rows < row_end)[:, None] & cmask[None, :]
-        xr_next = tl.load(x_ptr + rows[:, None] * H + feats[None, :], mask=m_next, other=0.0)
-        for t0 in range(row_lo, row_end, BLOCK_T):
+        for t0 in range(row_lo, row_lo + rows_per_split, BLOCK_T):
             rows = t0 + offs_t
-            m = (rows < row_end)[:, None] & cmask[None, :]
+            m = (rows < T)[:, None] & cmask[None, :]
             offs = rows[:, None] * H + feats[None, :]
-            xr = xr_next
-            m_next = ((rows + BLOCK_T) < row_end)[:, None] & cmask[None, :]
-            xr_next = tl.load(x_ptr + offs + BLOCK_T * H, mask=m_next, other=0.0)  # in flight during this tile
+            xr = tl.load(x_ptr + offs, mask=m, other=0.0)
             x = xr.to(tl.float32)
             ax = tl.abs(x)
             acc_sum += tl.sum(x, axis=0)
@@ -108,7 +102,6 @@ def _lowrank_bwd_kernel(
     bl, training, blended, trainable, reconstruct, a_eff = _seed_flags(stage_ptr, blend_ptr, alpha_ptr, seed, N)
     if training | blended:
         row_lo = split * rows_per_split
-        row_end = tl.minimum(row_lo + rows_per_split, T)
         a, b, c, cmask, wmask = _seed_weights(a_ptr, b_ptr, seed, C, R, CP, RP)
         feats = seed * C + c
         offs_t = tl.arange(0, BLOCK_T)
@@ -117,21 +110,14 @@ def _lowrank_bwd_kernel(
         acc_ben = tl.zeros([CP], tl.float32)
         acc_ga = tl.zeros([CP, RP], tl.float32)
         acc_gb = tl.zeros([RP, CP], tl.float32)
-        rows = row_lo + offs_t
-        m_next = (rows < row_end)[:, None] & cmask[None, :]
-        dyr_next = tl.load(dy_ptr + rows[:, None] * H + feats[None, :], mask=m_next, other=0.0)
-        xr_next = tl.load(x_ptr + rows[:, None] * H + feats[None, :], mask=m_next, other=0.0)
-        for t0 in range(row_lo, row_end, BLOCK_T):
+        for t0 in range(row_lo, row_lo + rows_per_split, BLOCK_T):
             rows = t0 + offs_t
-            m = (rows < row_end)[:, None] & cmask[None, :]
+            m = (rows < T)[:, None] & cmask[None, :]
             offs = rows[:, None] * H + feats[None, :]
-            dyr, xr = dyr_next, xr_next
-            m_next = ((rows + BLOCK_T) < row_end)[:, None] & cmask[None, :]
-            dyr_next = tl.load(dy_ptr + offs + BLOCK_T * H, mask=m_next, other=0.0)  # in flight during this tile
-            xr_next = tl.load(x_ptr + offs + BLOCK_T * H, mask=m_next, other=0.0)
+            dyr = tl.load(dy_ptr + offs, mask=m, other=0.0)
             dy = dyr.to(tl.float32)
             acc_gsq += tl.sum(dy * dy, axis=0)
-            x = xr.to(tl.float32)
+            x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
             hp = tl.dot(x, a, input_precision=DOT_PRECISION)
             hh = _act(hp, ACT)
             u = tl.dot(hh, b, input_precision=DOT_PRECISION)
