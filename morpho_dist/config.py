@@ -114,6 +114,7 @@ class KernelConfig:
     autotune: bool = False
     lowrank_rows: int = 64
     lowrank_warps: int = 4
+    programs_per_sm: int = 8
 
 
 @dataclass
@@ -324,6 +325,8 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"reliability.max_rollbacks={cfg.reliability.max_rollbacks} must be >= 0")
     if not (cfg.kernel.block_cols == 0 or _is_pow2(cfg.kernel.block_cols)):
         raise ConfigError(f"kernel.block_cols={cfg.kernel.block_cols!r} must be a power of two, or 0 for auto")
+    if not 1 <= cfg.kernel.programs_per_sm <= 64:
+        raise ConfigError(f"kernel.programs_per_sm={cfg.kernel.programs_per_sm} must lie in [1, 64]")
     if cfg.kernel.lowrank_rows < 16:
         raise ConfigError(f"kernel.lowrank_rows={cfg.kernel.lowrank_rows} must be >= 16 (tl.dot tiles)")
     for key in ("num_warps", "bwd_num_warps", "lowrank_warps"):

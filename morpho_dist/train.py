@@ -74,6 +74,7 @@ def kernel_options(kernel_cfg: Any) -> KernelOptions:
         autotune=bool(kernel_cfg.autotune),
         lowrank_rows=int(kernel_cfg.lowrank_rows),
         lowrank_warps=int(kernel_cfg.lowrank_warps),
+        programs_per_sm=int(kernel_cfg.programs_per_sm),
     )
 
 

@@ -161,6 +161,8 @@ def main() -> None:
     ap.add_argument("--bwd-num-warps", type=int, default=KernelOptions.bwd_num_warps)
     ap.add_argument("--lowrank-rows", type=int, default=KernelOptions.lowrank_rows)
     ap.add_argument("--lowrank-warps", type=int, default=KernelOptions.lowrank_warps)
+    ap.add_argument("--programs-per-sm", type=int, default=KernelOptions.programs_per_sm)
+    ap.add_argument("--modes", default="fwd,fwd+bwd")
     ap.add_argument("--dot-precision", default="tf32")
     ap.add_argument("--profile", action="store_true", help="also print each call's kernels and host time")
     ap.add_argument("--autotune", action="store_true", help="kernel.autotune: pick the tiling per shape")
@@ -173,6 +175,7 @@ def main() -> None:
         block_rows=args.block_rows, block_cols=args.block_cols, num_warps=args.num_warps,
         dot_precision=args.dot_precision, bwd_num_warps=args.bwd_num_warps,
         autotune=args.autotune, lowrank_rows=args.lowrank_rows, lowrank_warps=args.lowrank_warps,
+        programs_per_sm=args.programs_per_sm,
     )  # fmt: skip
     ref_compiled = torch.compile(seeded_reference, dynamic=False)
     rows = []
@@ -180,7 +183,7 @@ def main() -> None:
     with_compile = not (args.quick or args.no_compile)
     for name in args.workloads.split(","):
         t, n, c, kind, rank = WORKLOADS[name]
-        for mix, dtype, mode in itertools.product(("dormant", "third"), dtypes, ("fwd", "fwd+bwd")):
+        for mix, dtype, mode in itertools.product(("dormant", "third"), dtypes, args.modes.split(",")):
             label = f"{name} {mix} {row_dtype(dtype)} {mode}"
             grad = mode == "fwd+bwd"
             inputs = make_inputs(t, n, c, kind, rank, mix, dtype, dev, grad)

@@ -48,10 +48,14 @@ class TilePlan:
 
 
 @functools.lru_cache(maxsize=8)
-def _target_programs(device: torch.device) -> int:
+def _multiprocessors(device: torch.device) -> int:
     if device.type == "cuda":
-        return 8 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # Triton interpreter: a few programs still exercise the split path
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 0  # Triton interpreter: a few programs still exercise the split path
+
+
+def _target_programs(device: torch.device, opts: KernelOptions) -> int:
+    return opts.programs_per_sm * _multiprocessors(device) or 4
 
 
 def _grid(rows: int, groups: int, block_t: int, target: int) -> tuple[int, int]:
@@ -71,7 +75,7 @@ def column_tile_width(opts: KernelOptions, warps: int, elem_size: int) -> int:
 def plan_tiles(
     kind: str, rows: int, seeds: int, chunk: int, rank: int, opts: KernelOptions, device, warps: int, elem_size: int
 ) -> TilePlan:
-    target = _target_programs(device)
+    target = _target_programs(device, opts)
     pow2_chunk = triton.next_power_of_2(chunk)
     width = column_tile_width(opts, warps, elem_size)
     cp = min(pow2_chunk, width)

@@ -32,6 +32,7 @@ class KernelOptions:
     autotune: bool = False  # True: time a few tilings per shape on first use and keep the fastest (per process)
     lowrank_rows: int = 64  # rows per lowrank-kernel tile (>= 16: tl.dot)
     lowrank_warps: int = 4
+    programs_per_sm: int = 8  # grid size of the column kernels: about this many programs per multiprocessor
 
     def __post_init__(self) -> None:
         for name in ("block_rows", "block_cols", "num_warps", "bwd_num_warps", "lowrank_rows", "lowrank_warps"):
@@ -44,6 +45,8 @@ class KernelOptions:
         for name in ("num_warps", "bwd_num_warps", "lowrank_warps"):
             if getattr(self, name) > 32:
                 raise ValueError(f"kernel.{name} must be one of [1, 2, 4, 8, 16, 32], got {getattr(self, name)}")
+        if not (isinstance(self.programs_per_sm, int) and 1 <= self.programs_per_sm <= 64):
+            raise ValueError(f"kernel.programs_per_sm must be an integer in [1, 64], got {self.programs_per_sm!r}")
         if self.dot_precision not in DOT_PRECISIONS:
             raise ValueError(f"kernel.dot_precision must be one of {list(DOT_PRECISIONS)}, got {self.dot_precision!r}")
         if not isinstance(self.deterministic, bool) or not isinstance(self.autotune, bool):
