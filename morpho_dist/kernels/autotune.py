@@ -4,7 +4,8 @@ The launchers plan their grids on the host, so tuning happens here rather than i
 candidate runs the real launcher on scratch outputs and a scratch copy of the telemetry (the caller's buffers
 never see a trial), the column tiling first and then, for lowrank layers, the lowrank tiling. The choice is
 kept per process. Tuning times on the device (one synchronisation per candidate), so it happens on the first
-call of each shape and never during CUDA-graph capture; off CUDA the options are returned unchanged.
+call of each shape and never during CUDA-graph capture (a capture uses the choice already made for its shape,
+or the configured tiling); off CUDA the options are returned unchanged.
 """
 
 from __future__ import annotations
@@ -60,10 +61,12 @@ def tuned(
     `trials()` is called on a cache miss only and returns `run(options)`, which launches one trial on scratch
     buffers; `key` names the shape (kind, rows, seeds, chunk, rank, dtype, ...).
     """
-    if not opts.autotune or device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+    if not opts.autotune or device.type != "cuda":
         return opts
     cache_key = (direction, key, opts)
     chosen = _CHOSEN.get(cache_key)
+    if chosen is None and torch.cuda.is_current_stream_capturing():
+        return opts  # no timing inside a CUDA-graph capture: an untuned shape keeps the configured tiling
     if chosen is None:
         base = dataclasses.replace(opts, autotune=False)
         run = trials()

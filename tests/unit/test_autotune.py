@@ -72,3 +72,19 @@ def test_tuned_times_columns_then_lowrank_and_caches(monkeypatch):
     bwd = autotune.tuned("bwd", ("shape",), opts, torch.device("cuda"), trials, lowrank=False, timer=timer)
     assert bwd.bwd_num_warps in {w for _, _, w in autotune.COLUMN_TILES}
     assert autotune.chosen_tilings()[("fwd", ("shape",), opts)] is chosen
+
+
+def test_capture_uses_the_cached_choice_and_never_times(monkeypatch):
+    monkeypatch.setattr(autotune, "_CHOSEN", {})
+    opts = KernelOptions(autotune=True)
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+
+    def no_timing(fn):
+        raise AssertionError("timed inside a capture")
+
+    assert autotune.tuned("fwd", ("s",), opts, cuda, lambda: lambda o: o, lowrank=False, timer=no_timing) is opts
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    chosen = autotune.tuned("fwd", ("s",), opts, cuda, lambda: lambda o: o, lowrank=False, timer=lambda fn: 1.0)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert autotune.tuned("fwd", ("s",), opts, cuda, lambda: lambda o: o, lowrank=False, timer=no_timing) is chosen
