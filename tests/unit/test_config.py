@@ -84,6 +84,7 @@ def test_overrides_compose(hydra_ctx, overrides):
         (["controller.intervl=3"], "controller.intervl"),
         (["train.steps=abc"], "train.steps"),
         (["kernel.block_rows=1.5"], "kernel.block_rows"),
+        (["kernel.autotune=maybe"], "kernel.autotune"),
     ],
 )
 def test_bad_key_or_type_fails_at_compose(hydra_ctx, overrides, key):
@@ -112,6 +113,9 @@ def test_bad_group_option_lists_options(hydra_ctx, overrides, group):
         (["kernel.block_rows=48"], "kernel.block_rows"),
         (["kernel.block_cols=100"], "kernel.block_cols"),
         (["kernel.num_warps=3"], "kernel.num_warps"),
+        (["kernel.lowrank_rows=8"], "kernel.lowrank_rows"),
+        (["kernel.lowrank_warps=6"], "kernel.lowrank_warps"),
+        (["kernel.programs_per_sm=0"], "kernel.programs_per_sm"),
         (["train.steps=-5"], "train.steps"),
         (["train.steps=0"], "train.steps"),
         (["train.lr=0"], "train.lr"),
