@@ -134,22 +134,14 @@ def main() -> None:
     from morpho_dist import distributed
 
     env = distributed.read_env()
-    created = False
-    if env.distributed:
-        device = distributed.pick_device(env, cfg.train.device)
-        created = distributed.init_process_group(env, device, float(cfg.reliability.collective_timeout_s))
-        if RUN_DIR_ENV not in os.environ and not any(o.startswith("hydra.run.dir=") for o in overrides):
-            os.environ[RUN_DIR_ENV] = distributed.shared_run_dir(env)
-        if not env.is_main:
-            sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
-    try:
+    device = distributed.pick_device(env, cfg.train.device) if env.distributed else None
+    with distributed.process_group(env, device, float(cfg.reliability.collective_timeout_s)):
+        if env.distributed:
+            if RUN_DIR_ENV not in os.environ and not any(o.startswith("hydra.run.dir=") for o in overrides):
+                os.environ[RUN_DIR_ENV] = distributed.shared_run_dir(env)
+            if not env.is_main:
+                sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=disabled", "hydra/hydra_logging=disabled"]
         hydra_app()
-    except BaseException:
-        if created:
-            distributed.destroy_process_group()
-        raise
-    if created:
-        distributed.destroy_process_group(barrier=True)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from morpho_dist.grafting import BLEND_NAMES, SCHEDULES, ScheduleConfig
+from morpho_dist.kernels.options import KernelOptions
 
 
 class ConfigError(ValueError):
@@ -104,17 +105,19 @@ class ShardingConfig:
 
 @dataclass
 class KernelConfig:
+    """The op's backend plus every KernelOptions field, with KernelOptions' defaults (one source of truth)."""
+
     backend: str = "auto"
-    deterministic: bool = False
-    block_rows: int = 8
-    block_cols: int = 0
-    num_warps: int = 2
-    bwd_num_warps: int = 2
-    dot_precision: str = "ieee"
-    autotune: bool = False
-    lowrank_rows: int = 64
-    lowrank_warps: int = 4
-    programs_per_sm: int = 8
+    deterministic: bool = KernelOptions.deterministic
+    block_rows: int = KernelOptions.block_rows
+    block_cols: int = KernelOptions.block_cols
+    num_warps: int = KernelOptions.num_warps
+    bwd_num_warps: int = KernelOptions.bwd_num_warps
+    dot_precision: str = KernelOptions.dot_precision
+    autotune: bool = KernelOptions.autotune
+    lowrank_rows: int = KernelOptions.lowrank_rows
+    lowrank_warps: int = KernelOptions.lowrank_warps
+    programs_per_sm: int = KernelOptions.programs_per_sm
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
     env = read_env()                       # RANK, WORLD_SIZE, LOCAL_RANK (defaults: one process)
     device = pick_device(env, "auto")      # cuda:LOCAL_RANK when CUDA is there, else cpu
-    created = init_process_group(env, device)   # gloo on CPU, nccl on CUDA; no-op for one process
+    with process_group(env, device):       # gloo on CPU, nccl on CUDA; no-op for one process
     model = wrap_ddp(model, env, device)   # DDP, broadcast_buffers=False: each rank keeps its telemetry buffer
 
 ``Mesh`` is the one mesh object (axes ``dp`` and ``seed``, a torch DeviceMesh underneath); the sharding plans
@@ -12,6 +12,7 @@ that apply it to a wrapped model (seed shards, tensor parallel host layers, DDP 
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import time
@@ -158,7 +159,7 @@ def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def init_process_group(env: DistEnv, device: torch.device, timeout_s: float | None = None) -> bool:
+def init_process_group(env: DistEnv, device: torch.device | None, timeout_s: float | None = None) -> bool:
     """Join the process group (gloo for CPU, nccl for CUDA) when there are several processes; True when this
     call created it (the caller then destroys it). ``timeout_s``: every collective of the group (and of the
     mesh's sub-groups) fails after that long instead of waiting for a lost rank forever."""
@@ -192,6 +193,21 @@ def destroy_process_group(barrier: bool = False) -> None:
         if barrier:
             dist.barrier()
         dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def process_group(env: DistEnv, device: torch.device | None, timeout_s: float | None = None):
+    """``init_process_group`` for the body (yields whether it created the group); on leaving, the group it
+    created is destroyed: after a barrier on a clean exit, at once after an error."""
+    created = init_process_group(env, device, timeout_s)
+    try:
+        yield created
+    except BaseException:
+        if created:
+            destroy_process_group()
+        raise
+    if created:
+        destroy_process_group(barrier=True)
 
 
 def broadcast_object(obj: Any, src: int = 0) -> Any:

@@ -17,6 +17,14 @@ from morpho_dist.ops import check_backend, seeded
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
 
+def with_rec_losses(loss: torch.Tensor, layers: Iterable[SeededLayer], weight: float) -> torch.Tensor:
+    """``loss`` plus ``weight`` times every layer's reconstruction loss of its last forward (train.rec_weight)."""
+    for layer in layers:
+        if layer.rec_loss is not None:
+            loss = loss + weight * layer.rec_loss
+    return loss
+
+
 class SeededLayer(nn.Module):
     """Watches x[..., hidden] with ``num_seeds`` seeds (this rank's shard: global seeds
     ``seed_offset .. seed_offset + num_seeds - 1``).

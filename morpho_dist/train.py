@@ -14,6 +14,7 @@ rank 0.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import random
@@ -34,15 +35,15 @@ from morpho_dist.data import ShardedBatches, load_dataset, val_subset
 from morpho_dist.distributed import (
     DistEnv,
     Mesh,
-    destroy_process_group,
-    init_process_group,
     pick_device,
+    process_group,
     read_env,
     shared_run_dir,
     wrap_ddp,
 )
 from morpho_dist.grafting import HostSignals, make_schedule
 from morpho_dist.kernels.options import KernelOptions
+from morpho_dist.layer import with_rec_losses
 from morpho_dist.lifecycle import Stage
 from morpho_dist.logging import make_run_log
 from morpho_dist.models import build_model, count_params
@@ -64,18 +65,8 @@ from morpho_dist.wrap import seeded_layers, wrap
 
 
 def kernel_options(kernel_cfg: Any) -> KernelOptions:
-    return KernelOptions(
-        block_rows=int(kernel_cfg.block_rows),
-        block_cols=int(kernel_cfg.block_cols),
-        num_warps=int(kernel_cfg.num_warps),
-        deterministic=bool(kernel_cfg.deterministic),
-        dot_precision=str(kernel_cfg.dot_precision),
-        bwd_num_warps=int(kernel_cfg.bwd_num_warps),
-        autotune=bool(kernel_cfg.autotune),
-        lowrank_rows=int(kernel_cfg.lowrank_rows),
-        lowrank_warps=int(kernel_cfg.lowrank_warps),
-        programs_per_sm=int(kernel_cfg.programs_per_sm),
-    )
+    """The `kernel` config group (schema: KernelConfig, validated) as launch options: every KernelOptions field."""
+    return KernelOptions(**{f.name: kernel_cfg[f.name] for f in dataclasses.fields(KernelOptions)})
 
 
 def seed_everything(seed: int) -> None:
@@ -109,16 +100,8 @@ def run(cfg: Any, record: dict | None = None) -> dict:
     validate(cfg)
     env = read_env()
     device = pick_device(env, cfg.train.device)
-    created = init_process_group(env, device, float(cfg.reliability.collective_timeout_s))
-    try:
-        summary = _run(cfg, env, device, record)
-    except BaseException:
-        if created:
-            destroy_process_group()
-        raise
-    if created:
-        destroy_process_group(barrier=True)
-    return summary
+    with process_group(env, device, float(cfg.reliability.collective_timeout_s)):
+        return _run(cfg, env, device, record)
 
 
 def build(cfg: Any, env: DistEnv, device: torch.device) -> dict:
@@ -209,10 +192,7 @@ def _run(cfg: Any, env: DistEnv, device: torch.device, record: dict | None) -> d
         idx = batches.indices(step).to(device)
         logits = ddp(data.x_train[idx])
         loss = hook("loss", step, F.cross_entropy(logits, data.y_train[idx]))
-        total = loss
-        for layer in layers.values():
-            if layer.rec_loss is not None:
-                total = total + rec_weight * layer.rec_loss
+        total = with_rec_losses(loss, layers.values(), rec_weight)
         optimizers.zero_grad()
         total.backward()
         finite = guard.after_backward(loss, done, host_named)  # seed culls and loss accounting, on the device

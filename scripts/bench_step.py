@@ -46,9 +46,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from morpho_dist.commands import germinate, tick_
+from morpho_dist.commands import advance, germinate, tick_
 from morpho_dist.grafting import NUM_BLENDS, make_schedule
 from morpho_dist.kernels.options import KernelOptions
+from morpho_dist.layer import with_rec_losses
 from morpho_dist.lifecycle import Stage, count_stages
 from morpho_dist.optim import host_parameters, make_optimizers
 from morpho_dist.reliability import SeedGuard
@@ -56,9 +57,8 @@ from morpho_dist.wrap import seeded_layers, wrap
 
 VARIANTS = ("baseline", "dormant", "third")
 TARGET_PCT = {"dormant": 5.0, "third": 15.0}  # step-time overhead targets of the GPU performance issue
-# The blended stages "third" cycles through (as scripts/bench_op.py's make_inputs), and the main path to them.
+# The blended stages "third" cycles through (as scripts/bench_op.py's make_inputs).
 BLENDED_CYCLE = (Stage.GRAFTING, Stage.STABILIZATION, Stage.FINE_TUNING, Stage.FOSSILIZED, Stage.EVALUATING)
-MAIN_PATH = (Stage.TRAINING, Stage.GRAFTING, Stage.STABILIZATION, Stage.EVALUATING, Stage.FINE_TUNING, Stage.FOSSILIZED)
 GRAFTING_RATE = 1e-4  # alpha_rate of GRAFTING seeds: the ramp runs every step but alpha stays inside (0, 1)
 
 
@@ -107,10 +107,9 @@ def make_third(layers: dict, seed: int = 1) -> None:
         target = {i: BLENDED_CYCLE[k % len(BLENDED_CYCLE)] for k, i in enumerate(chosen)}
         for k, i in enumerate(chosen):
             germinate(layer, layer.seed_offset + i, 0, blend=k % NUM_BLENDS)
-        for dst in MAIN_PATH:  # one legal move per seed per batch ("advance"), until each reaches its stage
-            moves = [(i, dst) for i, t in target.items() if t >= dst]
-            if moves:
-                layer.apply_stage_changes(moves, 0, "advance")
+            stage = Stage.GERMINATED
+            while stage != target[i]:  # along the main path, one legal command at a time
+                stage = advance(layer, layer.seed_offset + i, 0)
         idx = torch.tensor(chosen, device=layer.alpha.device)
         layer.alpha[idx] = (0.1 + 0.8 * torch.rand(len(chosen), generator=gen)).to(layer.alpha.device)
         grafting = layer.stage == int(Stage.GRAFTING)
@@ -148,10 +147,7 @@ def make_step(model, layers, optimizers, x, target, *, rec_weight: float, guard:
             seed_guard.before_forward(done)
         y = model(x)
         loss = F.mse_loss(y.float(), target)
-        total = loss
-        for layer in layers.values():
-            if layer.rec_loss is not None:
-                total = total + rec_weight * layer.rec_loss
+        total = with_rec_losses(loss, layers.values(), rec_weight)
         optimizers.zero_grad()
         total.backward()
         ok = seed_guard.after_backward(loss, done, host_named) if seed_guard is not None else None

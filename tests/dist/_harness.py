@@ -83,25 +83,18 @@ def _resave_worker(rank: int, world: int, port: int, overrides: list[str], src: 
 def resave(overrides: list[str], src: str, dst: str) -> None:
     """Build the run's model under ``overrides``, load checkpoint ``src`` into it and save it again to ``dst``."""
     from morpho_dist import checkpoint
-    from morpho_dist.distributed import destroy_process_group, init_process_group, pick_device, read_env
+    from morpho_dist.distributed import pick_device, process_group, read_env
     from morpho_dist.sharding import snapshot_host
     from morpho_dist.train import build
 
     env = read_env()
     device = pick_device(env, "cpu")
-    created = init_process_group(env, device)
-    try:
+    with process_group(env, device):
         b = build(compose(overrides), env, device)
         args = {"mesh": b["mesh"], "layers": b["layers"], "host_params": b["host_named"]}
         prev = snapshot_host(b["host_named"])
         step, _ = checkpoint.load(src, optimizers=b["optimizers"], controller=b["controller"], prev_host=prev, **args)
         checkpoint.save(dst, step=step, optimizers=b["optimizers"], controller=b["controller"], prev_host=prev, **args)
-    except BaseException:
-        if created:
-            destroy_process_group()
-        raise
-    if created:
-        destroy_process_group(barrier=True)
 
 
 def resave_on(world: int, overrides: list[str], src, dst) -> None:
