@@ -5,10 +5,12 @@ CULLED, ...: y = x, dx = dy, telemetry only); a lowrank layer's TRAINING and ble
 lowrank kernels (morpho_dist.kernels.lowrank), whose columns these kernels neither read nor write.
 
 Tiling. Grid = (row splits, seed groups). A program owns SPP consecutive seeds and a contiguous range of rows,
-walked in [BLOCK_T, SPP, CP] tiles (CP = chunk tile; chunks wider than CP are walked in CP-wide steps). The
-tile is 3-D so that per-seed values broadcast along the chunk axis: masks stay constant over 16-byte vectors
-and loads and stores stay vectorised, and Triton spreads a warp's threads over columns first, so the row sums
-of the telemetry are mostly in-thread.
+walked in [BLOCK_T, SPP * CP] tiles (CP = chunk tile; chunks wider than CP are walked in CP-wide steps). The
+tile is 2-D with the features contiguous, so every Triton version lays a warp's threads along the row: loads
+and stores stay 16-byte vectors (per-seed values are gathered per column and keep the chunk's constancy, so
+masks do too), and the telemetry's row sums stay inside each thread. Per-column sums fold into per-seed
+sums once per program. (A 3-D [rows, seeds, chunk] tile let Triton 3.6 put threads along the rows: 255
+registers and a warp shuffle per reduction step, 25% of copy bandwidth in bf16 on an H100.)
 
 Results. Per-seed telemetry, rec_loss and parameter gradients are reduced inside the program and written once:
 atomically into the totals, or (deterministic) into the program's own slot that the launcher sums in a fixed
@@ -23,23 +25,37 @@ from morpho_dist.kernels.common import (
     _blend_full_delta,
     _blend_grads,
     _put,
+    _put_fields,
     _seed_flags,
     _tanh,
+    _with_field,
 )
 
 
 @triton.jit
-def _tile_offsets(group, c0, N, C, SPP: tl.constexpr, CP: tl.constexpr, DENSE: tl.constexpr):
-    """[SPP, CP] feature offsets and column mask of the group's seeds at chunk offset c0."""
-    s = group * SPP + tl.arange(0, SPP)
-    c = tl.arange(0, CP)
+def _tile_columns(group, c0, N, C, SPP: tl.constexpr, CP: tl.constexpr, DENSE: tl.constexpr):
+    """Seed, feature offset and in-range mask of each of the tile's SPP * CP columns at chunk offset c0."""
+    j = tl.arange(0, SPP * CP)
     if DENSE:  # C == CP: the group is one contiguous feature range
-        feats = (s * CP)[:, None] + c[None, :]
-        cmask = tl.broadcast_to((s < N)[:, None], [SPP, CP])
+        s = group * SPP + j // CP
+        feats = group * (SPP * CP) + j
+        cmask = s < N
     else:
-        feats = (s * C)[:, None] + (c0 + c)[None, :]
-        cmask = (s < N)[:, None] & ((c0 + c) < C)[None, :]
-    return feats, cmask
+        s = group * SPP + j // CP
+        c = c0 + j % CP
+        feats = s * C + c
+        cmask = (s < N) & (c < C)
+    return s, feats, cmask
+
+
+@triton.jit
+def _per_seed(acc, SPP: tl.constexpr, CP: tl.constexpr, IS_MAX: tl.constexpr):
+    """Fold a per-column accumulator [SPP * CP] into per-seed values [SPP]."""
+    acc2 = tl.reshape(acc, [SPP, CP])
+    if IS_MAX:
+        return tl.max(acc2, axis=1)
+    else:
+        return tl.sum(acc2, axis=1)
 
 
 @triton.jit
@@ -52,33 +68,37 @@ def _columns_fwd_kernel(
     split = tl.program_id(0)
     group = tl.program_id(1)
     row_lo = split * rows_per_split
-    s = group * SPP + tl.arange(0, SPP)
-    bl, training, blended, _trainable, reconstruct, a_eff = _seed_flags(stage_ptr, blend_ptr, alpha_ptr, s, N)
-    active = training | blended
+    seeds = group * SPP + tl.arange(0, SPP)
+    _bl, s_training, s_blended, _tr, s_reconstruct, _a = _seed_flags(stage_ptr, blend_ptr, alpha_ptr, seeds, N)
+    s_active = s_training | s_blended
     if DIAGONAL:
-        own = s < N
+        s_own = seeds < N
     else:  # a lowrank layer's active seeds belong to the lowrank kernels
-        own = (s < N) & ~active
-    own3 = own[None, :, None]
-    act3 = (active & own)[None, :, None]
-    bl3, a3, blended3 = bl[None, :, None], a_eff[None, :, None], blended[None, :, None]
-    any_math = tl.max((active & own).to(tl.int32), axis=0) > 0
-    acc_sum = tl.zeros([SPP, CP], tl.float32)
-    acc_sq = tl.zeros([SPP, CP], tl.float32)
-    acc_dead = tl.zeros([SPP, CP], tl.float32)
-    acc_max = tl.zeros([SPP, CP], tl.float32)
-    acc_delta = tl.zeros([SPP, CP], tl.float32)
+        s_own = (seeds < N) & ~s_active
+    any_math = tl.max((s_active & s_own).to(tl.int32), axis=0) > 0
+    acc_sum = tl.zeros([SPP * CP], tl.float32)
+    acc_sq = tl.zeros([SPP * CP], tl.float32)
+    acc_dead = tl.zeros([SPP * CP], tl.float32)
+    acc_max = tl.zeros([SPP * CP], tl.float32)
+    acc_delta = tl.zeros([SPP * CP], tl.float32)
     offs_t = tl.arange(0, BLOCK_T)
-    if tl.max(own.to(tl.int32), axis=0) > 0:
+    if tl.max(s_own.to(tl.int32), axis=0) > 0:
         for c0 in range(0, C, CP):
-            feats, cmask = _tile_offsets(group, c0, N, C, SPP, CP, DENSE)
+            s, feats, cmask = _tile_columns(group, c0, N, C, SPP, CP, DENSE)
+            bl, training, blended, _trainable, _rec, a_eff = _seed_flags(stage_ptr, blend_ptr, alpha_ptr, s, N)
+            active = training | blended
+            if DIAGONAL:
+                own = cmask
+            else:
+                own = cmask & ~active
+            act = active & own
             if DIAGONAL:
                 g = tl.load(g_ptr + feats, mask=cmask, other=0.0).to(tl.float32)
                 b = tl.load(b_ptr + feats, mask=cmask, other=0.0).to(tl.float32)
             for t0 in range(row_lo, row_lo + rows_per_split, BLOCK_T):
                 rows = t0 + offs_t
-                m = (rows < T)[:, None, None] & cmask[None, :, :] & own3
-                offs = rows[:, None, None] * H + feats[None, :, :]
+                m = (rows < T)[:, None] & own[None, :]
+                offs = rows[:, None] * H + feats[None, :]
                 xr = tl.load(x_ptr + offs, mask=m, other=0.0)
                 x = xr.to(tl.float32)
                 ax = tl.abs(x)
@@ -89,29 +109,33 @@ def _columns_fwd_kernel(
                 out = xr  # idle and TRAINING seeds: y is x, bit for bit
                 if DIAGONAL:  # noqa: SIM102  a constexpr test of its own: g and b exist only then
                     if any_math:
-                        u = g[None, :, :] * x + b[None, :, :]
-                        z = _blend(x, u, a3, bl3)
-                        d = tl.where(m & act3, z - x, 0.0)
+                        u = g[None, :] * x + b[None, :]
+                        z = _blend(x, u, a_eff[None, :], bl[None, :])
+                        d = tl.where(m & act[None, :], z - x, 0.0)
                         acc_delta += tl.sum(d * d, axis=0)
-                        out = tl.where(blended3, z.to(xr.dtype), xr)
+                        out = tl.where(blended[None, :], z.to(xr.dtype), xr)
                 tl.store(y_ptr + offs, out, mask=m)
-    delta = tl.sum(acc_delta, axis=1)
-    rec_part = tl.sum(tl.where(reconstruct & own, delta, 0.0), axis=0) * rec_scale
+    delta = _per_seed(acc_delta, SPP, CP, False)
+    rec_part = tl.sum(tl.where(s_reconstruct & s_own, delta, 0.0), axis=0) * rec_scale
     rec_slot = rec_ptr + (split * tl.num_programs(1) + group) * rec_prog_stride
     if USE_ATOMICS:
         if DIAGONAL:
             tl.atomic_add(rec_slot, rec_part, sem="relaxed")
+        elif split + group == 0:  # lowrank layer: the lowrank kernel, launched next, adds into a zeroed total
+            tl.store(rec_ptr, 0.0)
     else:
         tl.store(rec_slot, rec_part)
     if HAS_STATS:
         rows_here = tl.minimum(tl.maximum(T - row_lo, 0), rows_per_split)
-        p = stats_ptr + split * stats_split_stride + s * 8
-        _put(p, tl.zeros([SPP], tl.float32) + (rows_here * C).to(tl.float32), own, USE_ATOMICS, False)
-        _put(p + 1, tl.sum(acc_sum, axis=1), own, USE_ATOMICS, False)
-        _put(p + 2, tl.sum(acc_sq, axis=1), own, USE_ATOMICS, False)
-        _put(p + 3, tl.sum(acc_dead, axis=1), own, USE_ATOMICS, False)
-        _put(p + 4, tl.max(acc_max, axis=1), own, USE_ATOMICS, True)
-        _put(p + 7, delta, own, USE_ATOMICS, False)
+        p = stats_ptr + split * stats_split_stride + seeds * 8
+        tile = tl.zeros([SPP, 8], tl.float32) + (rows_here * C).to(tl.float32)  # field 0: count
+        tile = _with_field(tile, 1, _per_seed(acc_sum, SPP, CP, False))
+        tile = _with_field(tile, 2, _per_seed(acc_sq, SPP, CP, False))
+        tile = _with_field(tile, 3, _per_seed(acc_dead, SPP, CP, False))
+        tile = _with_field(tile, 7, delta)
+        f = tl.arange(0, 8)
+        _put_fields(p, tile, (f < 4) | (f == 7), s_own, USE_ATOMICS)
+        _put(p + 4, _per_seed(acc_max, SPP, CP, True), s_own, USE_ATOMICS, True)
 
 
 @triton.jit
@@ -124,64 +148,69 @@ def _columns_bwd_kernel(
     split = tl.program_id(0)
     group = tl.program_id(1)
     row_lo = split * rows_per_split
-    s = group * SPP + tl.arange(0, SPP)
-    bl, training, blended, trainable, reconstruct, a_eff = _seed_flags(stage_ptr, blend_ptr, alpha_ptr, s, N)
-    active = training | blended
+    seeds = group * SPP + tl.arange(0, SPP)
+    _bl, s_training, s_blended, _tr, _rec, _a = _seed_flags(stage_ptr, blend_ptr, alpha_ptr, seeds, N)
+    s_active = s_training | s_blended
     if DIAGONAL:
-        own = s < N
+        s_own = seeds < N
     else:
-        own = (s < N) & ~active
-    own3 = own[None, :, None]
-    act3 = (active & own)[None, :, None]
-    bl3, a3, blended3 = bl[None, :, None], a_eff[None, :, None], blended[None, :, None]
-    rec3 = reconstruct[None, :, None]
-    any_math = tl.max((active & own).to(tl.int32), axis=0) > 0
+        s_own = (seeds < N) & ~s_active
+    any_math = tl.max((s_active & s_own).to(tl.int32), axis=0) > 0
     drec_scaled = tl.load(drec_ptr) * inv_count
-    acc_gsq = tl.zeros([SPP, CP], tl.float32)
-    acc_ben = tl.zeros([SPP, CP], tl.float32)
+    acc_gsq = tl.zeros([SPP * CP], tl.float32)
+    acc_ben = tl.zeros([SPP * CP], tl.float32)
     offs_t = tl.arange(0, BLOCK_T)
-    if tl.max(own.to(tl.int32), axis=0) > 0:
+    if tl.max(s_own.to(tl.int32), axis=0) > 0:
         for c0 in range(0, C, CP):
-            feats, cmask = _tile_offsets(group, c0, N, C, SPP, CP, DENSE)
-            acc_dg = tl.zeros([SPP, CP], tl.float32)
-            acc_db = tl.zeros([SPP, CP], tl.float32)
+            s, feats, cmask = _tile_columns(group, c0, N, C, SPP, CP, DENSE)
+            bl, training, blended, trainable, reconstruct, a_eff = _seed_flags(stage_ptr, blend_ptr, alpha_ptr, s, N)
+            active = training | blended
+            if DIAGONAL:
+                own = cmask
+            else:
+                own = cmask & ~active
+            act = active & own
+            acc_dg = tl.zeros([SPP * CP], tl.float32)
+            acc_db = tl.zeros([SPP * CP], tl.float32)
             if DIAGONAL:
                 g = tl.load(g_ptr + feats, mask=cmask, other=0.0).to(tl.float32)
                 b = tl.load(b_ptr + feats, mask=cmask, other=0.0).to(tl.float32)
             for t0 in range(row_lo, row_lo + rows_per_split, BLOCK_T):
                 rows = t0 + offs_t
-                m = (rows < T)[:, None, None] & cmask[None, :, :] & own3
-                offs = rows[:, None, None] * H + feats[None, :, :]
+                m = (rows < T)[:, None] & own[None, :]
+                offs = rows[:, None] * H + feats[None, :]
                 dyr = tl.load(dy_ptr + offs, mask=m, other=0.0)
                 dy = dyr.to(tl.float32)
                 acc_gsq += tl.sum(dy * dy, axis=0)
                 out = dyr  # idle and TRAINING seeds: dx is dy, bit for bit
                 if DIAGONAL:  # noqa: SIM102  a constexpr test of its own: g and b exist only then
                     if any_math:
-                        ma = m & act3  # x is read for the active seeds only
+                        ma = m & act[None, :]  # x is read for the active seeds only
                         x = tl.load(x_ptr + offs, mask=ma, other=0.0).to(tl.float32)
-                        u = g[None, :, :] * x + b[None, :, :]
+                        u = g[None, :] * x + b[None, :]
                         th = _tanh(u)
-                        ben = dy * _blend_full_delta(x, u, th, bl3)
+                        bl2 = bl[None, :]
+                        ben = dy * _blend_full_delta(x, u, th, bl2)
                         acc_ben += tl.sum(tl.where(ma, ben, 0.0), axis=0)
-                        gx, gu = _blend_grads(x, th, dy, a3, bl3)
-                        du = tl.where(rec3, drec_scaled * (u - x), gu)
+                        gx, gu = _blend_grads(x, th, dy, a_eff[None, :], bl2)
+                        du = tl.where(reconstruct[None, :], drec_scaled * (u - x), gu)
                         du = tl.where(ma, du, 0.0)
                         acc_dg += tl.sum(du * x, axis=0)
                         acc_db += tl.sum(du, axis=0)
-                        out = tl.where(blended3, (gx + du * g[None, :, :]).to(dyr.dtype), dyr)
+                        out = tl.where(blended[None, :], (gx + du * g[None, :]).to(dyr.dtype), dyr)
                 tl.store(dx_ptr + offs, out, mask=m)
             if DIAGONAL:  # noqa: SIM102
                 if any_math:  # only TRAINING / GRAFTING / FINE_TUNING seeds have parameter gradients
-                    gmask = cmask & (trainable & own)[:, None]
-                    goffs = feats
+                    gmask = own & trainable
                     if USE_ATOMICS:
-                        tl.atomic_add(dg_ptr + goffs, acc_dg, mask=gmask, sem="relaxed")
-                        tl.atomic_add(db_ptr + goffs, acc_db, mask=gmask, sem="relaxed")
+                        tl.atomic_add(dg_ptr + feats, acc_dg, mask=gmask, sem="relaxed")
+                        tl.atomic_add(db_ptr + feats, acc_db, mask=gmask, sem="relaxed")
                     else:
-                        tl.store(dg_ptr + split * grad_split_stride + goffs, acc_dg, mask=gmask)
-                        tl.store(db_ptr + split * grad_split_stride + goffs, acc_db, mask=gmask)
+                        tl.store(dg_ptr + split * grad_split_stride + feats, acc_dg, mask=gmask)
+                        tl.store(db_ptr + split * grad_split_stride + feats, acc_db, mask=gmask)
     if HAS_STATS:
-        p = stats_ptr + split * stats_split_stride + s * 8
-        _put(p + 5, tl.sum(acc_gsq, axis=1), own, USE_ATOMICS, False)
-        _put(p + 6, tl.sum(acc_ben, axis=1), own, USE_ATOMICS, False)
+        p = stats_ptr + split * stats_split_stride + seeds * 8
+        tile = _with_field(tl.zeros([SPP, 8], tl.float32), 5, _per_seed(acc_gsq, SPP, CP, False))
+        tile = _with_field(tile, 6, _per_seed(acc_ben, SPP, CP, False))
+        f = tl.arange(0, 8)
+        _put_fields(p, tile, (f == 5) | (f == 6), s_own, USE_ATOMICS)

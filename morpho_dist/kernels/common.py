@@ -85,6 +85,24 @@ def _put(ptr, value, mask, USE_ATOMICS: tl.constexpr, IS_MAX: tl.constexpr):
 
 
 @triton.jit
+def _with_field(tile, field: tl.constexpr, value):
+    """tile [S, 8] with column `field` set to value [S]."""
+    return tl.where(tl.arange(0, 8)[None, :] == field, value[:, None], tile)
+
+
+@triton.jit
+def _put_fields(rows_ptr, tile, fields, own, USE_ATOMICS: tl.constexpr):
+    """Add (or store) the `fields` columns of tile [S, 8] into the telemetry rows at rows_ptr [S]: per seed one
+    vector atomic over contiguous fields instead of one scalar atomic per field."""
+    mask = own[:, None] & fields[None, :]
+    ptrs = rows_ptr[:, None] + tl.arange(0, 8)[None, :]
+    if USE_ATOMICS:
+        tl.atomic_add(ptrs, tile, mask=mask, sem="relaxed")
+    else:
+        tl.store(ptrs, tile, mask=mask)
+
+
+@triton.jit
 def _put1(ptr, value, USE_ATOMICS: tl.constexpr, IS_MAX: tl.constexpr):
     """_put for one scalar."""
     if USE_ATOMICS:

@@ -27,6 +27,11 @@ from morpho_dist.kernels.options import KernelOptions
 # and mis-compiled the lowrank backward's conditional dA accumulation (wrong fp32 dA on an H100, Triton 3.6).
 _NUM_STAGES = 1
 _MAX_LOWRANK_TILE_ELEMS = 4096  # rows x chunk of a lowrank tile: the backward's dots stay in registers
+_MIN_SEED_ELEMS = 256  # elements of each of its seeds a column program covers, at least (rows allowing)
+_MIN_AUTO_WIDTH = 64  # features: auto-width column tiles are narrowed down to this, no further
+# Rows per lowrank program, per unit of rank: each backward program adds its [C, R] + [R, C] parameter gradients
+# atomically once, so a program must cover enough rows for those adds to stay a small share of its traffic.
+_LOWRANK_ROWS_PER_RANK = 16
 
 
 @dataclass(frozen=True)
@@ -58,9 +63,9 @@ def _target_programs(device: torch.device, opts: KernelOptions) -> int:
     return opts.programs_per_sm * _multiprocessors(device) or 4
 
 
-def _grid(rows: int, groups: int, block_t: int, target: int) -> tuple[int, int]:
+def _grid(rows: int, groups: int, block_t: int, target: int, max_splits: int | None = None) -> tuple[int, int]:
     tiles = triton.cdiv(rows, block_t)
-    splits = max(1, min(tiles, triton.cdiv(target, groups)))
+    splits = max(1, min(tiles, triton.cdiv(target, groups), max_splits or tiles))
     tiles_per_split = triton.cdiv(tiles, splits)
     return triton.cdiv(tiles, tiles_per_split), tiles_per_split * block_t
 
@@ -80,19 +85,29 @@ def plan_tiles(
     width = column_tile_width(opts, warps, elem_size)
     cp = min(pow2_chunk, width)
     spp = max(1, min(width // cp, triton.next_power_of_2(seeds)))
+    block_t = opts.block_rows
+    # Each program adds its seeds' telemetry (and diagonal gradients) once: it covers at least
+    # _MIN_SEED_ELEMS elements of every seed, so for narrow chunks it needs many rows.
+    min_rows = max(1, _MIN_SEED_ELEMS // cp)
+    if not opts.block_cols and min_rows > block_t:  # auto width: narrower, taller tiles (same size) while too
+        # few programs would cover the rows
+        while spp > 1 and cp * spp > _MIN_AUTO_WIDTH and triton.cdiv(seeds, spp) * max(1, rows // min_rows) < target:
+            spp, block_t = spp // 2, block_t * 2
     groups = triton.cdiv(seeds, spp)
-    splits, rows_per_split = _grid(rows, groups, opts.block_rows, target)
-    columns = GridPlan(opts.block_rows, cp, spp, groups, splits, rows_per_split, chunk == cp)
+    splits, rows_per_split = _grid(rows, groups, block_t, target, max(1, rows // max(block_t, min_rows)))
+    columns = GridPlan(block_t, cp, spp, groups, splits, rows_per_split, chunk == cp)
     if kind != "lowrank":
         return TilePlan(columns, None, 16)
     cp = max(16, pow2_chunk)  # tl.dot needs every dim >= 16
-    block_t = opts.lowrank_rows
+    block_t = min(opts.lowrank_rows, max(16, triton.next_power_of_2(rows)))
     while block_t > 16 and block_t * cp > _MAX_LOWRANK_TILE_ELEMS:
         block_t //= 2
     # Programs of idle seeds return at once: plan as if a quarter of the seeds were active.
-    splits, rows_per_split = _grid(rows, seeds, block_t, 4 * target)
+    rank_tile = max(16, triton.next_power_of_2(rank))
+    max_splits = max(1, rows // (_LOWRANK_ROWS_PER_RANK * rank_tile))
+    splits, rows_per_split = _grid(rows, seeds, block_t, 4 * target, max_splits)
     lowrank = GridPlan(block_t, cp, 1, seeds, splits, rows_per_split, chunk == cp)
-    return TilePlan(columns, lowrank, max(16, triton.next_power_of_2(rank)))
+    return TilePlan(columns, lowrank, rank_tile)
 
 
 def _plan(kind, x2, stage, p0, opts, warps) -> tuple[TilePlan, int, int, int, int]:
@@ -146,7 +161,12 @@ def _forward(x2, stage, blend, alpha, p0, p1, telemetry, kind, act, dead_eps, op
     stats, stats_stride = _stats_buffer(plan, seeds, telemetry, x2, opts)
     det = opts.deterministic
     n_cols = cols.splits * cols.groups
-    rec = torch.zeros(n_cols + (low.splits * low.groups if low else 0) if det else 1, device=x2.device)
+    if det:  # a slot per program (programs of idle lowrank seeds leave theirs at zero)
+        rec = torch.zeros(n_cols + (low.splits * low.groups if low else 0), device=x2.device)
+    elif low is None:  # the column kernel adds into it
+        rec = torch.zeros(1, device=x2.device)
+    else:  # the column kernel zeroes it (one launch fewer) and the lowrank kernel, launched next, adds into it
+        rec = torch.empty(1, device=x2.device)
     common = dict(USE_ATOMICS=not det, HAS_STATS=has_stats, num_warps=opts.num_warps, num_stages=_NUM_STAGES)
     _columns_fwd_kernel[(cols.splits, cols.groups)](
         x2, y2, stage, blend, alpha, p0, p1, stats, rec,

@@ -18,7 +18,8 @@ class KernelOptions:
     The column kernels (every seed of a diagonal layer, the idle seeds of a lowrank one) walk
     [block_rows, block_cols] tiles with num_warps (bwd_num_warps backward); block_cols=0 (the default) sizes the
     tile so that each warp covers 512 contiguous bytes of a row (num_warps * 512 / element size columns), which
-    keeps the per-seed row sums of the telemetry inside each thread. The lowrank
+    keeps the per-seed row sums of the telemetry inside each thread; for narrow chunks (a program must cover 256
+    elements of each of its seeds) it trades width for rows, at the same tile size. The lowrank
     kernels (the TRAINING and blended seeds of a lowrank layer) walk [lowrank_rows, chunk] tiles with
     lowrank_warps.
     """
@@ -30,7 +31,7 @@ class KernelOptions:
     dot_precision: str = "ieee"  # fp32 tl.dot precision for lowrank
     bwd_num_warps: int = 2
     autotune: bool = False  # True: time a few tilings per shape on first use and keep the fastest (per process)
-    lowrank_rows: int = 64  # rows per lowrank-kernel tile (>= 16: tl.dot)
+    lowrank_rows: int = 128  # rows per lowrank-kernel tile (>= 16: tl.dot; fewer when the chunk is wide)
     lowrank_warps: int = 4
     programs_per_sm: int = 8  # grid size of the column kernels: about this many programs per multiprocessor
 

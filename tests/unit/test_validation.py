@@ -220,7 +220,7 @@ def test_backend_resolution(monkeypatch):
 def test_kernel_options_defaults_are_valid():
     o = KernelOptions()
     assert (o.block_rows, o.block_cols, o.num_warps, o.deterministic, o.autotune) == (8, 0, 2, False, False)
-    assert (o.lowrank_rows, o.lowrank_warps) == (64, 4)
+    assert (o.lowrank_rows, o.lowrank_warps) == (128, 4)
     KernelOptions(block_rows=1, block_cols=16, num_warps=1, deterministic=True, dot_precision="tf32", autotune=True)
 
 
