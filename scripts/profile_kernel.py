@@ -29,7 +29,9 @@ def main() -> None:
     t, n, c, kind, rank = WORKLOADS[args.workload]
     grad = args.mode == "fwd+bwd"
     inputs = make_inputs(t, n, c, kind, rank, args.mix, getattr(torch, args.dtype), torch.device("cuda"), grad)
-    opts = KernelOptions(args.block_rows, args.block_cols, args.num_warps, False, "tf32")
+    opts = KernelOptions(
+        block_rows=args.block_rows, block_cols=args.block_cols, num_warps=args.num_warps, dot_precision="tf32"
+    )
     run = make_call(seeded, inputs, kind, grad, torch.randn_like(inputs[0]), backend="triton", options=opts,
                     check_ids=False)  # fmt: skip
     for _ in range(args.calls):

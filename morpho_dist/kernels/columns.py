@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from morpho_dist.kernels.common import (
+    _add_x_stats,
     _blend,
     _blend_full_delta,
     _blend_grads,
@@ -33,19 +34,42 @@ from morpho_dist.kernels.common import (
 
 
 @triton.jit
-def _tile_columns(group, c0, N, C, SPP: tl.constexpr, CP: tl.constexpr, DENSE: tl.constexpr):
-    """Seed, feature offset and in-range mask of each of the tile's SPP * CP columns at chunk offset c0."""
+def _program_seeds(stage_ptr, blend_ptr, alpha_ptr, group, N, SPP: tl.constexpr, DIAGONAL: tl.constexpr):
+    """The program's SPP seeds: (ids, owned by this kernel, any owned seed active, reconstructing)."""
+    seeds = group * SPP + tl.arange(0, SPP)
+    _bl, training, blended, _tr, reconstruct, _a = _seed_flags(stage_ptr, blend_ptr, alpha_ptr, seeds, N)
+    active = training | blended
+    if DIAGONAL:
+        own = seeds < N
+    else:  # a lowrank layer's active seeds belong to the lowrank kernels
+        own = (seeds < N) & ~active
+    any_math = tl.max((active & own).to(tl.int32), axis=0) > 0
+    return seeds, own, any_math, reconstruct
+
+
+@triton.jit
+def _tile_columns(
+    stage_ptr, blend_ptr, alpha_ptr, group, c0, N, C,
+    SPP: tl.constexpr, CP: tl.constexpr, DENSE: tl.constexpr, DIAGONAL: tl.constexpr,
+):  # fmt: skip
+    """Per column of the tile's SPP * CP columns at chunk offset c0: feature offset, owned by this kernel, owned
+    and active, and its seed's flags (blend id, blended, trainable, reconstructs, effective alpha)."""
     j = tl.arange(0, SPP * CP)
+    s = group * SPP + j // CP
     if DENSE:  # C == CP: the group is one contiguous feature range
-        s = group * SPP + j // CP
         feats = group * (SPP * CP) + j
         cmask = s < N
     else:
-        s = group * SPP + j // CP
         c = c0 + j % CP
         feats = s * C + c
         cmask = (s < N) & (c < C)
-    return s, feats, cmask
+    bl, training, blended, trainable, reconstruct, a_eff = _seed_flags(stage_ptr, blend_ptr, alpha_ptr, s, N)
+    active = training | blended
+    if DIAGONAL:
+        own = cmask
+    else:
+        own = cmask & ~active
+    return feats, own, active & own, bl, blended, trainable, reconstruct, a_eff
 
 
 @triton.jit
@@ -68,14 +92,7 @@ def _columns_fwd_kernel(
     split = tl.program_id(0)
     group = tl.program_id(1)
     row_lo = split * rows_per_split
-    seeds = group * SPP + tl.arange(0, SPP)
-    _bl, s_training, s_blended, _tr, s_reconstruct, _a = _seed_flags(stage_ptr, blend_ptr, alpha_ptr, seeds, N)
-    s_active = s_training | s_blended
-    if DIAGONAL:
-        s_own = seeds < N
-    else:  # a lowrank layer's active seeds belong to the lowrank kernels
-        s_own = (seeds < N) & ~s_active
-    any_math = tl.max((s_active & s_own).to(tl.int32), axis=0) > 0
+    seeds, s_own, any_math, s_reconstruct = _program_seeds(stage_ptr, blend_ptr, alpha_ptr, group, N, SPP, DIAGONAL)
     acc_sum = tl.zeros([SPP * CP], tl.float32)
     acc_sq = tl.zeros([SPP * CP], tl.float32)
     acc_dead = tl.zeros([SPP * CP], tl.float32)
@@ -84,28 +101,19 @@ def _columns_fwd_kernel(
     offs_t = tl.arange(0, BLOCK_T)
     if tl.max(s_own.to(tl.int32), axis=0) > 0:
         for c0 in range(0, C, CP):
-            s, feats, cmask = _tile_columns(group, c0, N, C, SPP, CP, DENSE)
-            bl, training, blended, _trainable, _rec, a_eff = _seed_flags(stage_ptr, blend_ptr, alpha_ptr, s, N)
-            active = training | blended
-            if DIAGONAL:
-                own = cmask
-            else:
-                own = cmask & ~active
-            act = active & own
-            if DIAGONAL:
-                g = tl.load(g_ptr + feats, mask=cmask, other=0.0).to(tl.float32)
-                b = tl.load(b_ptr + feats, mask=cmask, other=0.0).to(tl.float32)
+            feats, own, act, bl, blended, _trainable, _rec, a_eff = _tile_columns(
+                stage_ptr, blend_ptr, alpha_ptr, group, c0, N, C, SPP, CP, DENSE, DIAGONAL
+            )
+            if DIAGONAL:  # every in-range column is owned
+                g = tl.load(g_ptr + feats, mask=own, other=0.0).to(tl.float32)
+                b = tl.load(b_ptr + feats, mask=own, other=0.0).to(tl.float32)
             for t0 in range(row_lo, row_lo + rows_per_split, BLOCK_T):
                 rows = t0 + offs_t
                 m = (rows < T)[:, None] & own[None, :]
                 offs = rows[:, None] * H + feats[None, :]
                 xr = tl.load(x_ptr + offs, mask=m, other=0.0)
                 x = xr.to(tl.float32)
-                ax = tl.abs(x)
-                acc_sum += tl.sum(x, axis=0)
-                acc_sq += tl.sum(x * x, axis=0)
-                acc_dead += tl.sum(tl.where(m & (ax <= dead_eps), 1.0, 0.0), axis=0)
-                acc_max = tl.maximum(acc_max, tl.max(ax, axis=0))
+                acc_sum, acc_sq, acc_dead, acc_max = _add_x_stats(acc_sum, acc_sq, acc_dead, acc_max, x, m, dead_eps)
                 out = xr  # idle and TRAINING seeds: y is x, bit for bit
                 if DIAGONAL:  # noqa: SIM102  a constexpr test of its own: g and b exist only then
                     if any_math:
@@ -148,33 +156,21 @@ def _columns_bwd_kernel(
     split = tl.program_id(0)
     group = tl.program_id(1)
     row_lo = split * rows_per_split
-    seeds = group * SPP + tl.arange(0, SPP)
-    _bl, s_training, s_blended, _tr, _rec, _a = _seed_flags(stage_ptr, blend_ptr, alpha_ptr, seeds, N)
-    s_active = s_training | s_blended
-    if DIAGONAL:
-        s_own = seeds < N
-    else:
-        s_own = (seeds < N) & ~s_active
-    any_math = tl.max((s_active & s_own).to(tl.int32), axis=0) > 0
+    seeds, s_own, any_math, _rec = _program_seeds(stage_ptr, blend_ptr, alpha_ptr, group, N, SPP, DIAGONAL)
     drec_scaled = tl.load(drec_ptr) * inv_count
     acc_gsq = tl.zeros([SPP * CP], tl.float32)
     acc_ben = tl.zeros([SPP * CP], tl.float32)
     offs_t = tl.arange(0, BLOCK_T)
     if tl.max(s_own.to(tl.int32), axis=0) > 0:
         for c0 in range(0, C, CP):
-            s, feats, cmask = _tile_columns(group, c0, N, C, SPP, CP, DENSE)
-            bl, training, blended, trainable, reconstruct, a_eff = _seed_flags(stage_ptr, blend_ptr, alpha_ptr, s, N)
-            active = training | blended
-            if DIAGONAL:
-                own = cmask
-            else:
-                own = cmask & ~active
-            act = active & own
+            feats, own, act, bl, blended, trainable, reconstruct, a_eff = _tile_columns(
+                stage_ptr, blend_ptr, alpha_ptr, group, c0, N, C, SPP, CP, DENSE, DIAGONAL
+            )
             acc_dg = tl.zeros([SPP * CP], tl.float32)
             acc_db = tl.zeros([SPP * CP], tl.float32)
-            if DIAGONAL:
-                g = tl.load(g_ptr + feats, mask=cmask, other=0.0).to(tl.float32)
-                b = tl.load(b_ptr + feats, mask=cmask, other=0.0).to(tl.float32)
+            if DIAGONAL:  # every in-range column is owned
+                g = tl.load(g_ptr + feats, mask=own, other=0.0).to(tl.float32)
+                b = tl.load(b_ptr + feats, mask=own, other=0.0).to(tl.float32)
             for t0 in range(row_lo, row_lo + rows_per_split, BLOCK_T):
                 rows = t0 + offs_t
                 m = (rows < T)[:, None] & own[None, :]

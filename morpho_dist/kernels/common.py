@@ -58,6 +58,17 @@ def _blend_grads(x, th, dy, a, bl):
 
 
 @triton.jit
+def _add_x_stats(acc_sum, acc_sq, acc_dead, acc_max, x, m, dead_eps):
+    """Fold a tile x [rows, cols] (masked by m) into the per-column sum, sum of squares, dead count and |max|."""
+    ax = tl.abs(x)
+    acc_sum += tl.sum(x, axis=0)
+    acc_sq += tl.sum(x * x, axis=0)
+    acc_dead += tl.sum(tl.where(m & (ax <= dead_eps), 1.0, 0.0), axis=0)
+    acc_max = tl.maximum(acc_max, tl.max(ax, axis=0))
+    return acc_sum, acc_sq, acc_dead, acc_max
+
+
+@triton.jit
 def _seed_flags(stage_ptr, blend_ptr, alpha_ptr, seeds, N):
     """Per-seed (blend id, TRAINING, blended, trainable, reconstructs, effective alpha) of `seeds` (any shape)."""
     smask = seeds < N

@@ -63,9 +63,10 @@ def _target_programs(device: torch.device, opts: KernelOptions) -> int:
     return opts.programs_per_sm * _multiprocessors(device) or 4
 
 
-def _grid(rows: int, groups: int, block_t: int, target: int, max_splits: int | None = None) -> tuple[int, int]:
+def _grid(rows: int, groups: int, block_t: int, target: int, max_splits: int) -> tuple[int, int]:
+    """(row splits, rows per split) for about `target` programs over `groups`, at most max_splits."""
     tiles = triton.cdiv(rows, block_t)
-    splits = max(1, min(tiles, triton.cdiv(target, groups), max_splits or tiles))
+    splits = max(1, min(tiles, triton.cdiv(target, groups), max_splits))
     tiles_per_split = triton.cdiv(tiles, splits)
     return triton.cdiv(tiles, tiles_per_split), tiles_per_split * block_t
 
@@ -89,8 +90,8 @@ def plan_tiles(
     # Each program adds its seeds' telemetry (and diagonal gradients) once: it covers at least
     # _MIN_SEED_ELEMS elements of every seed, so for narrow chunks it needs many rows.
     min_rows = max(1, _MIN_SEED_ELEMS // cp)
-    if not opts.block_cols and min_rows > block_t:  # auto width: narrower, taller tiles (same size) while too
-        # few programs would cover the rows
+    if not opts.block_cols and min_rows > block_t:
+        # auto width: narrower, taller tiles of the same size while too few programs would cover the rows
         while spp > 1 and cp * spp > _MIN_AUTO_WIDTH and triton.cdiv(seeds, spp) * max(1, rows // min_rows) < target:
             spp, block_t = spp // 2, block_t * 2
     groups = triton.cdiv(seeds, spp)

@@ -14,6 +14,7 @@ import triton.language as tl
 from morpho_dist.kernels.common import (
     _act,
     _act_grad,
+    _add_x_stats,
     _blend,
     _blend_full_delta,
     _blend_grads,
@@ -61,11 +62,7 @@ def _lowrank_fwd_kernel(
             offs = rows[:, None] * H + feats[None, :]
             xr = tl.load(x_ptr + offs, mask=m, other=0.0)
             x = xr.to(tl.float32)
-            ax = tl.abs(x)
-            acc_sum += tl.sum(x, axis=0)
-            acc_sq += tl.sum(x * x, axis=0)
-            acc_dead += tl.sum(tl.where(m & (ax <= dead_eps), 1.0, 0.0), axis=0)
-            acc_max = tl.maximum(acc_max, tl.max(ax, axis=0))
+            acc_sum, acc_sq, acc_dead, acc_max = _add_x_stats(acc_sum, acc_sq, acc_dead, acc_max, x, m, dead_eps)
             hh = _act(tl.dot(x, a, input_precision=DOT_PRECISION), ACT)
             u = tl.dot(hh, b, input_precision=DOT_PRECISION)
             z = _blend(x, u, a_eff, bl)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 
 import torch
 import torch.multiprocessing as mp
@@ -32,6 +34,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def torchrun_cmd(nproc: int = 2) -> list[str]:
+    """`python -m torch.distributed.run` on nproc local processes with a free rendezvous port."""
+    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}"]
+
+
+def run_launcher(cmd: list[str], cwd, *, timeout: int = 300, **env_extra: str) -> subprocess.CompletedProcess:
+    """Run a launcher command line (torchrun, launch/*.sh) in cwd with launcher_env, output captured."""
+    return subprocess.run(cmd, cwd=cwd, env=launcher_env(**env_extra), capture_output=True, text=True, timeout=timeout)
 
 
 def compose(overrides: list[str]):

@@ -7,15 +7,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch.multiprocessing as mp
 
-from tests.dist._harness import FAST, compose, free_port, launcher_env
+from tests.dist._harness import FAST, compose, free_port, run_launcher, torchrun_cmd
 
 pytestmark = pytest.mark.dist
 
@@ -30,10 +28,8 @@ RUNTIME = {"runtime_s", "run_dir"}
 
 
 def _torchrun(tmp_path, *args: str, env_extra: dict | None = None, max_restarts: int = 0):
-    env = launcher_env(**(env_extra or {}))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"]
-    cmd += [f"--max-restarts={max_restarts}", "--monitor-interval=0.2", "-m", "morpho_dist.train", *RUN, *args]
-    return subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    cmd = [*torchrun_cmd(2), f"--max-restarts={max_restarts}", "--monitor-interval=0.2", "-m", "morpho_dist.train"]
+    return run_launcher([*cmd, *RUN, *args], tmp_path, timeout=180, **(env_extra or {}))
 
 
 def test_killed_rank_restarts_from_the_last_checkpoint(tmp_path):

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch.multiprocessing as mp
 
-from tests.dist._harness import free_port, launcher_env
+from tests.dist._harness import free_port, run_launcher, torchrun_cmd
 
 pytestmark = pytest.mark.dist
 
@@ -56,25 +54,7 @@ def test_ranks_end_with_identical_seed_states(tmp_path):
 
 
 def test_torchrun_shares_one_run_dir(tmp_path):
-    env = launcher_env()
-    res = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            f"--master_port={free_port()}",
-            "-m",
-            "morpho_dist.train",
-            *OVERRIDES,
-            "logger=jsonl",
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    res = run_launcher([*torchrun_cmd(2), "-m", "morpho_dist.train", *OVERRIDES, "logger=jsonl"], tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
     run_dirs = [os.path.dirname(p) for p in (tmp_path / "outputs").glob("*/*/summary.json")]
     assert len(run_dirs) == 1, list((tmp_path / "outputs").rglob("*"))
