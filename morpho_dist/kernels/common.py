@@ -40,7 +40,7 @@ def _act_grad(hp, ACT: tl.constexpr):
 def _blend(x, u, a, bl):
     """blend(x, u, alpha) for blend ids additive=0, multiplicative=1, linear=2 (bl broadcasts)."""
     mul = x * (1.0 + a * _tanh(u))
-    return tl.where(bl == 0, x + a * u, tl.where(bl == 1, mul, (1.0 - a) * x + a * u))
+    return tl.where(bl == 0, x + a * u, tl.where(bl == 1, mul, x + a * (u - x)))
 
 
 @triton.jit

@@ -32,6 +32,13 @@ _MIN_AUTO_WIDTH = 64  # features: auto-width column tiles are narrowed down to t
 # Rows per lowrank program, per unit of rank: each backward program adds its [C, R] + [R, C] parameter gradients
 # atomically once, so a program must cover enough rows for those adds to stay a small share of its traffic.
 _LOWRANK_ROWS_PER_RANK = 16
+# The lowrank backward keeps per-thread partials of its telemetry (no cross-thread reduction per tile) only for
+# chunks up to this wide: for wider ones the partials push the kernel, already at the register limit, to spill.
+_MAX_FOLDED_BWD_CHUNK = 32
+# The lowrank backward's dots over the chunk (x @ A, du @ B^T) run as batched dots over K slices this wide: for
+# chunk 256 the unsplit dots spill (4.9 KB stack) and the backward takes 5.8x as long (H100, coarse workload).
+# The forward holds less and runs fastest unsplit.
+_DOT_K_SLICE = 64
 
 
 @dataclass(frozen=True)
@@ -111,6 +118,23 @@ def plan_tiles(
     return TilePlan(columns, lowrank, rank_tile)
 
 
+def _rows_per_thread(block_t: int, chunk_tile: int, elem_size: int, warps: int) -> int:
+    """Rows of a [block_t, chunk_tile] tile that one thread holds as Triton loads it (16-byte vectors along the
+    row, a warp's threads spread over the row first). The lowrank forward sums its statistics of x over that
+    many rows inside each thread; were Triton to lay the tile out otherwise, those sums would cross threads:
+    slower, never wrong."""
+    threads_per_row = min(32, max(1, chunk_tile * elem_size // 16))
+    return max(1, block_t // (warps * 32 // threads_per_row))
+
+
+def lowrank_bwd_shape_args(block_t: int, chunk_tile: int) -> dict[str, int]:
+    """The lowrank backward's ROW_FOLD and K_SPLIT for a [block_t, chunk_tile] tile."""
+    return {
+        "ROW_FOLD": 2 if chunk_tile <= _MAX_FOLDED_BWD_CHUNK else block_t,
+        "K_SPLIT": max(1, chunk_tile // _DOT_K_SLICE),
+    }
+
+
 def _plan(kind, x2, stage, p0, opts, warps) -> tuple[TilePlan, int, int, int, int]:
     rows, hidden = x2.shape
     seeds = stage.numel()
@@ -181,7 +205,9 @@ def _forward(x2, stage, blend, alpha, p0, p1, telemetry, kind, act, dead_eps, op
             rows, x2.shape[1], seeds, chunk, rank, low.rows_per_split, stats_stride, int(det), dead_eps,
             0.5 / (rows * chunk),
             ACT=ACT_IDS[act], BLOCK_T=low.block_t, CP=low.chunk_tile, RP=plan.rank_tile,
-            DOT_PRECISION=opts.dot_precision, **{**common, "num_warps": opts.lowrank_warps},
+            DOT_PRECISION=opts.dot_precision,
+            X_FOLD=_rows_per_thread(low.block_t, low.chunk_tile, x2.element_size(), opts.lowrank_warps),
+            **{**common, "num_warps": opts.lowrank_warps},
         )  # fmt: skip
     if det and has_stats:
         _merge_partials(telemetry, stats)
@@ -225,7 +251,8 @@ def _backward(x2, dy2, drec, stage, blend, alpha, p0, p1, telemetry, kind, act, 
             rows, x2.shape[1], seeds, chunk, rank, low.rows_per_split, stats_stride, grad_stride,
             1.0 / (rows * chunk),
             ACT=ACT_IDS[act], BLOCK_T=low.block_t, CP=low.chunk_tile, RP=plan.rank_tile,
-            DOT_PRECISION=opts.dot_precision, **{**common, "num_warps": opts.lowrank_warps},
+            DOT_PRECISION=opts.dot_precision, **lowrank_bwd_shape_args(low.block_t, low.chunk_tile),
+            **{**common, "num_warps": opts.lowrank_warps},
         )  # fmt: skip
     if det:
         if has_stats:

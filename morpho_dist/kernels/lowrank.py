@@ -37,11 +37,36 @@ def _seed_weights(a_ptr, b_ptr, seed, C, R, CP: tl.constexpr, RP: tl.constexpr):
 
 
 @triton.jit
+def _fold_rows(v, FOLD: tl.constexpr, BLOCK_T: tl.constexpr, CP: tl.constexpr):
+    """A [BLOCK_T, CP] tile as [FOLD, BLOCK_T // FOLD, CP]: rows r, r + BLOCK_T // FOLD, ... on axis 0."""
+    return tl.reshape(v, [FOLD, BLOCK_T // FOLD, CP])
+
+
+@triton.jit
+def _total(acc):
+    return tl.sum(tl.sum(acc, axis=0), axis=0)
+
+
+@triton.jit
+def _dot_k_split(p, w, K_SPLIT: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """p [M, K] @ w [K, N] as K_SPLIT batched dots over slices of K, summed. A dot of M = 16 rows cannot spread
+    its rows over the warps, so each warp would hold the whole of both operands (K = 256: 128 registers for p);
+    batched, each warp holds one slice."""
+    if K_SPLIT == 1:
+        return tl.dot(p, w, input_precision=DOT_PRECISION)
+    M: tl.constexpr = p.shape[0]
+    K: tl.constexpr = p.shape[1]
+    pb = tl.permute(tl.reshape(p, [M, K_SPLIT, K // K_SPLIT]), [1, 0, 2])
+    wb = tl.reshape(w, [K_SPLIT, K // K_SPLIT, w.shape[1]])
+    return tl.sum(tl.dot(pb, wb, input_precision=DOT_PRECISION), axis=0)
+
+
+@triton.jit
 def _lowrank_fwd_kernel(
     x_ptr, y_ptr, stage_ptr, blend_ptr, alpha_ptr, a_ptr, b_ptr, stats_ptr, rec_ptr,
     T, H, N, C, R, rows_per_split, stats_split_stride, rec_prog_stride, dead_eps, rec_scale,
     ACT: tl.constexpr, BLOCK_T: tl.constexpr, CP: tl.constexpr, RP: tl.constexpr,
-    USE_ATOMICS: tl.constexpr, HAS_STATS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    USE_ATOMICS: tl.constexpr, HAS_STATS: tl.constexpr, DOT_PRECISION: tl.constexpr, X_FOLD: tl.constexpr,
 ):  # fmt: skip
     split = tl.program_id(0)
     seed = tl.program_id(1)
@@ -51,28 +76,39 @@ def _lowrank_fwd_kernel(
         a, b, c, cmask, _wmask = _seed_weights(a_ptr, b_ptr, seed, C, R, CP, RP)
         feats = seed * C + c
         offs_t = tl.arange(0, BLOCK_T)
-        acc_sum = tl.zeros([CP], tl.float32)
-        acc_sq = tl.zeros([CP], tl.float32)
-        acc_dead = tl.zeros([CP], tl.float32)
-        acc_max = tl.zeros([CP], tl.float32)
-        acc_delta = tl.zeros([CP], tl.float32)
+        # Per-thread partials, so that the loop makes no cross-thread reduction (one at the end): a tile's rows
+        # fold X_FOLD-fold for the statistics of x (the rows one thread holds of the tile as loaded) and in pairs
+        # for delta (rows r and r + BLOCK_T / 2 share a thread in the dot's layout too).
+        acc_sum = tl.zeros([BLOCK_T // X_FOLD, CP], tl.float32)
+        acc_sq = tl.zeros([BLOCK_T // X_FOLD, CP], tl.float32)
+        acc_dead = tl.zeros([BLOCK_T // X_FOLD, CP], tl.float32)
+        acc_max = tl.zeros([BLOCK_T // X_FOLD, CP], tl.float32)
+        acc_delta = tl.zeros([BLOCK_T // 2, CP], tl.float32)
+        row_hi = tl.minimum(row_lo + rows_per_split, T)
+        # The next tile's x is loaded before this tile's math: a load stays in flight while the dots run.
+        first = row_lo + offs_t
+        first_m = (first < row_hi)[:, None] & cmask[None, :]
+        xr_next = tl.load(x_ptr + first[:, None] * H + feats[None, :], mask=first_m, other=0.0)
         for t0 in range(row_lo, row_lo + rows_per_split, BLOCK_T):
             rows = t0 + offs_t
-            m = (rows < T)[:, None] & cmask[None, :]
+            m = (rows < row_hi)[:, None] & cmask[None, :]
             offs = rows[:, None] * H + feats[None, :]
-            xr = tl.load(x_ptr + offs, mask=m, other=0.0)
+            xr = xr_next
+            nm = ((rows + BLOCK_T) < row_hi)[:, None] & cmask[None, :]
+            xr_next = tl.load(x_ptr + offs + BLOCK_T * H, mask=nm, other=0.0)
             x = xr.to(tl.float32)
-            acc_sum, acc_sq, acc_dead, acc_max = _add_x_stats(acc_sum, acc_sq, acc_dead, acc_max, x, m, dead_eps)
+            xf, mf = _fold_rows(x, X_FOLD, BLOCK_T, CP), _fold_rows(m, X_FOLD, BLOCK_T, CP)
+            acc_sum, acc_sq, acc_dead, acc_max = _add_x_stats(acc_sum, acc_sq, acc_dead, acc_max, xf, mf, dead_eps)
             hh = _act(tl.dot(x, a, input_precision=DOT_PRECISION), ACT)
             u = tl.dot(hh, b, input_precision=DOT_PRECISION)
             z = _blend(x, u, a_eff, bl)
             d = tl.where(m, z - x, 0.0)
-            acc_delta += tl.sum(d * d, axis=0)
+            acc_delta += tl.sum(_fold_rows(d * d, 2, BLOCK_T, CP), axis=0)
             if blended:
                 tl.store(y_ptr + offs, z.to(xr.dtype), mask=m)
             else:  # TRAINING: y is x, bit for bit
                 tl.store(y_ptr + offs, xr, mask=m)
-        delta = tl.sum(acc_delta, axis=0)
+        delta = _total(acc_delta)
         rec_slot = rec_ptr + (split * tl.num_programs(1) + seed) * rec_prog_stride
         if reconstruct:
             _put1(rec_slot, delta * rec_scale, USE_ATOMICS, False)
@@ -80,10 +116,10 @@ def _lowrank_fwd_kernel(
             rows_here = tl.minimum(tl.maximum(T - row_lo, 0), rows_per_split)
             p = stats_ptr + split * stats_split_stride + seed * 8
             _put1(p, (rows_here * C).to(tl.float32), USE_ATOMICS, False)
-            _put1(p + 1, tl.sum(acc_sum, axis=0), USE_ATOMICS, False)
-            _put1(p + 2, tl.sum(acc_sq, axis=0), USE_ATOMICS, False)
-            _put1(p + 3, tl.sum(acc_dead, axis=0), USE_ATOMICS, False)
-            _put1(p + 4, tl.max(acc_max, axis=0), USE_ATOMICS, True)
+            _put1(p + 1, _total(acc_sum), USE_ATOMICS, False)
+            _put1(p + 2, _total(acc_sq), USE_ATOMICS, False)
+            _put1(p + 3, _total(acc_dead), USE_ATOMICS, False)
+            _put1(p + 4, tl.max(tl.max(acc_max, axis=0), axis=0), USE_ATOMICS, True)
             _put1(p + 7, delta, USE_ATOMICS, False)
 
 
@@ -93,6 +129,7 @@ def _lowrank_bwd_kernel(
     T, H, N, C, R, rows_per_split, stats_split_stride, grad_split_stride, inv_count,
     ACT: tl.constexpr, BLOCK_T: tl.constexpr, CP: tl.constexpr, RP: tl.constexpr,
     USE_ATOMICS: tl.constexpr, HAS_STATS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ROW_FOLD: tl.constexpr, K_SPLIT: tl.constexpr,
 ):  # fmt: skip
     split = tl.program_id(0)
     seed = tl.program_id(1)
@@ -103,8 +140,10 @@ def _lowrank_bwd_kernel(
         feats = seed * C + c
         offs_t = tl.arange(0, BLOCK_T)
         drec_scaled = tl.load(drec_ptr) * inv_count
-        acc_gsq = tl.zeros([CP], tl.float32)
-        acc_ben = tl.zeros([CP], tl.float32)
+        # Per-thread partials as in the forward where registers allow (ROW_FOLD = 2), else (ROW_FOLD = BLOCK_T)
+        # one reduction per tile into [1, CP].
+        acc_gsq = tl.zeros([BLOCK_T // ROW_FOLD, CP], tl.float32)
+        acc_ben = tl.zeros([BLOCK_T // ROW_FOLD, CP], tl.float32)
         acc_ga = tl.zeros([CP, RP], tl.float32)
         acc_gb = tl.zeros([RP, CP], tl.float32)
         for t0 in range(row_lo, row_lo + rows_per_split, BLOCK_T):
@@ -113,16 +152,17 @@ def _lowrank_bwd_kernel(
             offs = rows[:, None] * H + feats[None, :]
             dyr = tl.load(dy_ptr + offs, mask=m, other=0.0)
             dy = dyr.to(tl.float32)
-            acc_gsq += tl.sum(dy * dy, axis=0)
+            acc_gsq += tl.sum(_fold_rows(dy * dy, ROW_FOLD, BLOCK_T, CP), axis=0)
             x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
-            hp = tl.dot(x, a, input_precision=DOT_PRECISION)
+            hp = _dot_k_split(x, a, K_SPLIT, DOT_PRECISION)
             hh = _act(hp, ACT)
             u = tl.dot(hh, b, input_precision=DOT_PRECISION)
             th = _tanh(u)
-            acc_ben += tl.sum(tl.where(m, dy * _blend_full_delta(x, u, th, bl), 0.0), axis=0)
+            ben = tl.where(m, dy * _blend_full_delta(x, u, th, bl), 0.0)
+            acc_ben += tl.sum(_fold_rows(ben, ROW_FOLD, BLOCK_T, CP), axis=0)
             gx, gu = _blend_grads(x, th, dy, a_eff, bl)
             du = tl.where(m, tl.where(reconstruct, drec_scaled * (u - x), gu), 0.0)
-            dhp = tl.dot(du, tl.trans(b), input_precision=DOT_PRECISION) * _act_grad(hp, ACT)
+            dhp = _dot_k_split(du, tl.trans(b), K_SPLIT, DOT_PRECISION) * _act_grad(hp, ACT)
             if trainable:
                 acc_ga += tl.dot(tl.trans(x), dhp, input_precision=DOT_PRECISION)
                 acc_gb += tl.dot(tl.trans(hh), du, input_precision=DOT_PRECISION)
@@ -143,5 +183,5 @@ def _lowrank_bwd_kernel(
                 tl.store(gb_ptr + split * grad_split_stride + gb_offs, acc_gb, mask=tl.trans(wmask))
         if HAS_STATS:
             p = stats_ptr + split * stats_split_stride + seed * 8
-            _put1(p + 5, tl.sum(acc_gsq, axis=0), USE_ATOMICS, False)
-            _put1(p + 6, tl.sum(acc_ben, axis=0), USE_ATOMICS, False)
+            _put1(p + 5, _total(acc_gsq), USE_ATOMICS, False)
+            _put1(p + 6, _total(acc_ben), USE_ATOMICS, False)

@@ -20,6 +20,9 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+MAX_KERNEL_ELEMENTS = 2**31 - 1
+
+
 def resolve_backend(backend: str, device: torch.device) -> str:
     """'auto' -> 'triton' on CUDA tensors, 'reference' otherwise; 'triton' off CUDA needs TRITON_INTERPRET=1."""
     check_backend(backend)
@@ -66,6 +69,11 @@ def seeded(
     check_seeded_args(
         x, stage, blend, alpha, p0, p1, telemetry, kind=kind, act=act, dead_eps=dead_eps, check_ids=check_ids
     )
+    if x.numel() > MAX_KERNEL_ELEMENTS:  # the kernels index x in int32: a bigger x would wrap, silently
+        raise ValueError(
+            f"x has {x.numel()} elements; backend='triton' takes at most {MAX_KERNEL_ELEMENTS} (int32 indexing): "
+            "split the batch, or use backend='reference'"
+        )
     from morpho_dist.ops.triton_op import seeded_triton  # Triton is only imported when it is used
 
     return seeded_triton(

@@ -43,6 +43,7 @@ GRAD_TOL = {torch.float32: (2e-5, 1e-4), torch.bfloat16: (1e-3, 1e-3), torch.flo
 SHAPES = [
     pytest.param((37,), 11, 16, id="T37-N11-C16"),
     pytest.param((3, 13), 13, 24, id="3x13-N13-C24"),
+    pytest.param((3, 3), 11, 200, id="3x3-N11-C200"),  # a wide chunk: the backward splits its dots' K
 ]
 DIAG_SHAPES = [
     pytest.param((37,), 11, 3, id="T37-N11-C3"),

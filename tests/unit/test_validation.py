@@ -196,6 +196,14 @@ def test_float64_only_on_reference(backend):
             call(args, backend)
 
 
+def test_triton_refuses_x_past_int32_indexing():
+    args = base_args("diagonal")
+    hidden = args["x"].shape[-1]
+    args["x"] = args["x"][:1, :1].expand(2**31 // hidden + 1, 1, hidden)  # an expanded view: no memory
+    with pytest.raises(ValueError, match=r"x has \d+ elements; backend='triton' takes at most 2147483647"):
+        call(args, "triton")
+
+
 @pytest.mark.parametrize("bad", ["cuda", "Triton", "", "torch"])
 def test_bad_backend_name(bad):
     with pytest.raises(ValueError, match=r"allowed values: \['triton', 'reference', 'auto'\]") as info:
