@@ -21,7 +21,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from morpho_dist.kernels.columns import _columns_bwd_kernel, _columns_fwd_kernel
-from morpho_dist.kernels.launch import _rows_per_thread, lowrank_bwd_shape_args
+from morpho_dist.kernels.launch import lowrank_bwd_shape_args, lowrank_fwd_shape_args
 from morpho_dist.kernels.lowrank import _lowrank_bwd_kernel, _lowrank_fwd_kernel
 
 _FLOAT_ARGS = {"dead_eps", "rec_scale", "inv_count"}
@@ -76,7 +76,7 @@ def variants(warps: list[int]):
         yield _columns_bwd_kernel, ce, dtype, w
     for (cp, bt), c, dtype, w in itertools.product([(16, 64), (64, 32), (256, 16)], common, ["fp32", "bf16"], warps):
         ce = dict(ACT=1, BLOCK_T=bt, CP=cp, RP=16, DOT_PRECISION="tf32", **c)
-        yield _lowrank_fwd_kernel, dict(ce, X_FOLD=_rows_per_thread(bt, cp, 4 if dtype == "fp32" else 2, w)), dtype, w
+        yield _lowrank_fwd_kernel, dict(ce, **lowrank_fwd_shape_args(bt, cp, 4 if dtype == "fp32" else 2, w)), dtype, w
         yield _lowrank_bwd_kernel, dict(ce, **lowrank_bwd_shape_args(bt, cp)), dtype, w
 
 

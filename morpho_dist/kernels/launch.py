@@ -118,13 +118,13 @@ def plan_tiles(
     return TilePlan(columns, lowrank, rank_tile)
 
 
-def _rows_per_thread(block_t: int, chunk_tile: int, elem_size: int, warps: int) -> int:
-    """Rows of a [block_t, chunk_tile] tile that one thread holds as Triton loads it (16-byte vectors along the
-    row, a warp's threads spread over the row first). The lowrank forward sums its statistics of x over that
-    many rows inside each thread; were Triton to lay the tile out otherwise, those sums would cross threads:
-    slower, never wrong."""
+def lowrank_fwd_shape_args(block_t: int, chunk_tile: int, elem_size: int, warps: int) -> dict[str, int]:
+    """The lowrank forward's X_FOLD for a [block_t, chunk_tile] tile: the rows of it that one thread holds as Triton
+    loads it (16-byte vectors along the row, a warp's threads spread over the row first), over which the forward sums
+    its statistics of x inside each thread. Were Triton to lay the tile out otherwise, those sums would cross
+    threads: slower, never wrong."""
     threads_per_row = min(32, max(1, chunk_tile * elem_size // 16))
-    return max(1, block_t // (warps * 32 // threads_per_row))
+    return {"X_FOLD": max(1, block_t // (warps * 32 // threads_per_row))}
 
 
 def lowrank_bwd_shape_args(block_t: int, chunk_tile: int) -> dict[str, int]:
@@ -206,7 +206,7 @@ def _forward(x2, stage, blend, alpha, p0, p1, telemetry, kind, act, dead_eps, op
             0.5 / (rows * chunk),
             ACT=ACT_IDS[act], BLOCK_T=low.block_t, CP=low.chunk_tile, RP=plan.rank_tile,
             DOT_PRECISION=opts.dot_precision,
-            X_FOLD=_rows_per_thread(low.block_t, low.chunk_tile, x2.element_size(), opts.lowrank_warps),
+            **lowrank_fwd_shape_args(low.block_t, low.chunk_tile, x2.element_size(), opts.lowrank_warps),
             **{**common, "num_warps": opts.lowrank_warps},
         )  # fmt: skip
     if det and has_stats:

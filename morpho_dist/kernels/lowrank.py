@@ -37,9 +37,9 @@ def _seed_weights(a_ptr, b_ptr, seed, C, R, CP: tl.constexpr, RP: tl.constexpr):
 
 
 @triton.jit
-def _fold_rows(v, FOLD: tl.constexpr, BLOCK_T: tl.constexpr, CP: tl.constexpr):
-    """A [BLOCK_T, CP] tile as [FOLD, BLOCK_T // FOLD, CP]: rows r, r + BLOCK_T // FOLD, ... on axis 0."""
-    return tl.reshape(v, [FOLD, BLOCK_T // FOLD, CP])
+def _fold_rows(v, FOLD: tl.constexpr):
+    """A [T, C] tile as [FOLD, T // FOLD, C]: rows r, r + T // FOLD, ... on axis 0."""
+    return tl.reshape(v, [FOLD, v.shape[0] // FOLD, v.shape[1]])
 
 
 @triton.jit
@@ -97,13 +97,13 @@ def _lowrank_fwd_kernel(
             nm = ((rows + BLOCK_T) < row_hi)[:, None] & cmask[None, :]
             xr_next = tl.load(x_ptr + offs + BLOCK_T * H, mask=nm, other=0.0)
             x = xr.to(tl.float32)
-            xf, mf = _fold_rows(x, X_FOLD, BLOCK_T, CP), _fold_rows(m, X_FOLD, BLOCK_T, CP)
+            xf, mf = _fold_rows(x, X_FOLD), _fold_rows(m, X_FOLD)
             acc_sum, acc_sq, acc_dead, acc_max = _add_x_stats(acc_sum, acc_sq, acc_dead, acc_max, xf, mf, dead_eps)
             hh = _act(tl.dot(x, a, input_precision=DOT_PRECISION), ACT)
             u = tl.dot(hh, b, input_precision=DOT_PRECISION)
             z = _blend(x, u, a_eff, bl)
             d = tl.where(m, z - x, 0.0)
-            acc_delta += tl.sum(_fold_rows(d * d, 2, BLOCK_T, CP), axis=0)
+            acc_delta += tl.sum(_fold_rows(d * d, 2), axis=0)
             if blended:
                 tl.store(y_ptr + offs, z.to(xr.dtype), mask=m)
             else:  # TRAINING: y is x, bit for bit
@@ -113,7 +113,7 @@ def _lowrank_fwd_kernel(
         if reconstruct:
             _put1(rec_slot, delta * rec_scale, USE_ATOMICS, False)
         if HAS_STATS:
-            rows_here = tl.minimum(tl.maximum(T - row_lo, 0), rows_per_split)
+            rows_here = tl.maximum(row_hi - row_lo, 0)
             p = stats_ptr + split * stats_split_stride + seed * 8
             _put1(p, (rows_here * C).to(tl.float32), USE_ATOMICS, False)
             _put1(p + 1, _total(acc_sum), USE_ATOMICS, False)
@@ -152,14 +152,14 @@ def _lowrank_bwd_kernel(
             offs = rows[:, None] * H + feats[None, :]
             dyr = tl.load(dy_ptr + offs, mask=m, other=0.0)
             dy = dyr.to(tl.float32)
-            acc_gsq += tl.sum(_fold_rows(dy * dy, ROW_FOLD, BLOCK_T, CP), axis=0)
+            acc_gsq += tl.sum(_fold_rows(dy * dy, ROW_FOLD), axis=0)
             x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
             hp = _dot_k_split(x, a, K_SPLIT, DOT_PRECISION)
             hh = _act(hp, ACT)
             u = tl.dot(hh, b, input_precision=DOT_PRECISION)
             th = _tanh(u)
             ben = tl.where(m, dy * _blend_full_delta(x, u, th, bl), 0.0)
-            acc_ben += tl.sum(_fold_rows(ben, ROW_FOLD, BLOCK_T, CP), axis=0)
+            acc_ben += tl.sum(_fold_rows(ben, ROW_FOLD), axis=0)
             gx, gu = _blend_grads(x, th, dy, a_eff, bl)
             du = tl.where(m, tl.where(reconstruct, drec_scaled * (u - x), gu), 0.0)
             dhp = _dot_k_split(du, tl.trans(b), K_SPLIT, DOT_PRECISION) * _act_grad(hp, ACT)
