@@ -178,11 +178,15 @@ def main() -> None:
         programs_per_sm=args.programs_per_sm,
     )  # fmt: skip
     ref_compiled = torch.compile(seeded_reference, dynamic=False)
+    # Past dynamo's recompile limit the peer would silently run eager: fail (reported per row) instead, and start
+    # every workload with an empty cache so its shapes and dtypes stay well under the limit.
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
     rows = []
     dtypes = [torch.float32] if args.quick else [getattr(torch, d) for d in args.dtypes.split(",")]
     with_compile = not (args.quick or args.no_compile)
     for name in args.workloads.split(","):
         t, n, c, kind, rank = WORKLOADS[name]
+        torch._dynamo.reset()
         for mix, dtype, mode in itertools.product(("dormant", "third"), dtypes, args.modes.split(",")):
             label = f"{name} {mix} {row_dtype(dtype)} {mode}"
             grad = mode == "fwd+bwd"
