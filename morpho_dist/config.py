@@ -16,7 +16,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from morpho_dist.grafting import BLEND_NAMES, SCHEDULES, ScheduleConfig
-from morpho_dist.kernels.options import KernelOptions
+from morpho_dist.kernels.options import DOT_PRECISIONS, LOWRANK_MATHS, KernelOptions
 
 
 class ConfigError(ValueError):
@@ -118,6 +118,7 @@ class KernelConfig:
     lowrank_rows: int = KernelOptions.lowrank_rows
     lowrank_warps: int = KernelOptions.lowrank_warps
     programs_per_sm: int = KernelOptions.programs_per_sm
+    lowrank_math: str = KernelOptions.lowrank_math
 
 
 @dataclass
@@ -244,7 +245,8 @@ CHOICES = {
     "schedule.shape": ("linear", "cosine"),
     "sharding.mode": ("data", "seed", "hybrid"),
     "kernel.backend": ("auto", "triton", "reference"),
-    "kernel.dot_precision": ("ieee", "tf32"),
+    "kernel.dot_precision": DOT_PRECISIONS,
+    "kernel.lowrank_math": LOWRANK_MATHS,
     "logger.name": ("wandb", "jsonl", "none"),
     "optim.name": ("adamw", "adam", "sgd"),
     "train.device": ("auto", "cpu", "cuda"),

@@ -128,7 +128,7 @@ def tiling_of(opts: KernelOptions, tuned_before: set) -> str:
 
 
 def _short(o: KernelOptions) -> str:
-    lowrank = f"lowrank {o.lowrank_rows} w{o.lowrank_warps}"
+    lowrank = f"lowrank {o.lowrank_rows} w{o.lowrank_warps} {o.lowrank_math}"
     return f"cols {o.block_rows}x{o.block_cols} w{o.num_warps}/{o.bwd_num_warps} {lowrank}"
 
 
@@ -162,6 +162,7 @@ def main() -> None:
     ap.add_argument("--lowrank-rows", type=int, default=KernelOptions.lowrank_rows)
     ap.add_argument("--lowrank-warps", type=int, default=KernelOptions.lowrank_warps)
     ap.add_argument("--programs-per-sm", type=int, default=KernelOptions.programs_per_sm)
+    ap.add_argument("--lowrank-math", default=KernelOptions.lowrank_math, help="auto | dots | rank1")
     ap.add_argument("--modes", default="fwd,fwd+bwd")
     ap.add_argument("--dot-precision", default="tf32")
     ap.add_argument("--profile", action="store_true", help="also print each call's kernels and host time")
@@ -175,7 +176,7 @@ def main() -> None:
         block_rows=args.block_rows, block_cols=args.block_cols, num_warps=args.num_warps,
         dot_precision=args.dot_precision, bwd_num_warps=args.bwd_num_warps,
         autotune=args.autotune, lowrank_rows=args.lowrank_rows, lowrank_warps=args.lowrank_warps,
-        programs_per_sm=args.programs_per_sm,
+        programs_per_sm=args.programs_per_sm, lowrank_math=args.lowrank_math,
     )  # fmt: skip
     ref_compiled = torch.compile(seeded_reference, dynamic=False)
     # Past dynamo's recompile limit the peer would silently run eager: fail (reported per row) instead, and start

@@ -330,6 +330,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--backend", choices=("triton", "reference"), default=None, help="default: triton on CUDA")
     ap.add_argument("--kernel-autotune", action="store_true", help="KernelOptions(autotune=True)")
     ap.add_argument("--dot-precision", default="tf32", help="KernelOptions.dot_precision")
+    ap.add_argument("--lowrank-math", default=KernelOptions.lowrank_math, help="KernelOptions.lowrank_math")
     ap.add_argument("--guard", action="store_true", help="also time every variant with the reliability guard on")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     ap.add_argument("--warmup", type=int, default=5)
@@ -351,7 +352,9 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype)
     backend = args.backend or ("triton" if device.type == "cuda" else "reference")
-    kernel = KernelOptions(dot_precision=args.dot_precision, autotune=args.kernel_autotune)
+    kernel = KernelOptions(
+        dot_precision=args.dot_precision, autotune=args.kernel_autotune, lowrank_math=args.lowrank_math
+    )
     meta = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu"),
         "torch": torch.__version__,

@@ -74,9 +74,11 @@ def variants(warps: list[int]):
         ce = dict(DIAGONAL=diag, BLOCK_T=bt, CP=cp, SPP=spp, DENSE=dense, **c)
         yield _columns_fwd_kernel, ce, dtype, w
         yield _columns_bwd_kernel, ce, dtype, w
-    for (cp, bt), c, dtype, w in itertools.product([(16, 64), (64, 32), (256, 16)], common, ["fp32", "bf16"], warps):
-        ce = dict(ACT=1, BLOCK_T=bt, CP=cp, RP=16, DOT_PRECISION="tf32", **c)
-        yield _lowrank_fwd_kernel, dict(ce, **lowrank_fwd_shape_args(bt, cp, 4 if dtype == "fp32" else 2, w)), dtype, w
+    lowrank = [(16, 64, True), (16, 128, True), (64, 32, False), (256, 16, False)]
+    for (cp, bt, rank1), c, dtype, w in itertools.product(lowrank, common, ["fp32", "bf16"], warps):
+        ce = dict(ACT=1, BLOCK_T=bt, CP=cp, RP=16, RANK=16, DOT_PRECISION="tf32", RANK1=rank1, **c)
+        fold = lowrank_fwd_shape_args(bt, cp, 4 if dtype == "fp32" else 2, w, rank1)
+        yield _lowrank_fwd_kernel, dict(ce, **fold), dtype, w
         yield _lowrank_bwd_kernel, dict(ce, **lowrank_bwd_shape_args(bt, cp)), dtype, w
 
 

@@ -39,6 +39,11 @@ _MAX_FOLDED_BWD_CHUNK = 32
 # chunk 256 the unsplit dots spill (4.9 KB stack) and the backward takes 5.8x as long (H100, coarse workload).
 # The forward holds less and runs fastest unsplit.
 _DOT_K_SLICE = 64
+# lowrank_math=auto runs the blueprint as fp32 rank-1 updates where the dots would be exact fp32 (dot_precision
+# ieee) and the chunk is at most this wide, else as dots. On an H200, wide (chunk 16) with one third blended, the
+# lowrank forward took 76 us as rank-1 updates against 110 us as ieee dots and 55 us as tf32 dots; for chunks of
+# 64 and 256 the ieee dots were as fast or faster.
+_MAX_RANK1_CHUNK = 32
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,7 @@ class TilePlan:
     columns: GridPlan
     lowrank: GridPlan | None  # None for diagonal layers
     rank_tile: int  # RP: lowrank rank, padded to a power of two >= 16
+    rank1: bool  # lowrank: the blueprint as rank-1 updates (but the parameter gradients), not dots
 
 
 @functools.lru_cache(maxsize=8)
@@ -105,7 +111,7 @@ def plan_tiles(
     splits, rows_per_split = _grid(rows, groups, block_t, target, max(1, rows // max(block_t, min_rows)))
     columns = GridPlan(block_t, cp, spp, groups, splits, rows_per_split, chunk == cp)
     if kind != "lowrank":
-        return TilePlan(columns, None, 16)
+        return TilePlan(columns, None, 16, False)
     cp = max(16, pow2_chunk)  # tl.dot needs every dim >= 16
     block_t = min(opts.lowrank_rows, max(16, triton.next_power_of_2(rows)))
     while block_t > 16 and block_t * cp > _MAX_LOWRANK_TILE_ELEMS:
@@ -115,16 +121,21 @@ def plan_tiles(
     max_splits = max(1, rows // (_LOWRANK_ROWS_PER_RANK * rank_tile))
     splits, rows_per_split = _grid(rows, seeds, block_t, 4 * target, max_splits)
     lowrank = GridPlan(block_t, cp, 1, seeds, splits, rows_per_split, chunk == cp)
-    return TilePlan(columns, lowrank, rank_tile)
+    rank1 = opts.lowrank_math == "rank1" or (
+        opts.lowrank_math == "auto" and opts.dot_precision == "ieee" and chunk <= _MAX_RANK1_CHUNK
+    )
+    return TilePlan(columns, lowrank, rank_tile, rank1)
 
 
-def lowrank_fwd_shape_args(block_t: int, chunk_tile: int, elem_size: int, warps: int) -> dict[str, int]:
-    """The lowrank forward's X_FOLD for a [block_t, chunk_tile] tile: the rows of it that one thread holds as Triton
-    loads it (16-byte vectors along the row, a warp's threads spread over the row first), over which the forward sums
-    its statistics of x inside each thread. Were Triton to lay the tile out otherwise, those sums would cross
-    threads: slower, never wrong."""
+def lowrank_fwd_shape_args(block_t: int, chunk_tile: int, elem_size: int, warps: int, rank1: bool) -> dict[str, int]:
+    """The lowrank forward's X_FOLD and DELTA_FOLD for a [block_t, chunk_tile] tile. X_FOLD: the rows of it that one
+    thread holds as Triton loads it (16-byte vectors along the row, a warp's threads spread over the row first), over
+    which the forward sums its statistics of x inside each thread; rank-1 updates keep that layout for delta too,
+    dots give pairs of rows. Were Triton to lay the tile out otherwise, those sums would cross threads: slower,
+    never wrong."""
     threads_per_row = min(32, max(1, chunk_tile * elem_size // 16))
-    return {"X_FOLD": max(1, block_t // (warps * 32 // threads_per_row))}
+    x_fold = max(1, block_t // (warps * 32 // threads_per_row))
+    return {"X_FOLD": x_fold, "DELTA_FOLD": x_fold if rank1 else 2}
 
 
 def lowrank_bwd_shape_args(block_t: int, chunk_tile: int) -> dict[str, int]:
@@ -204,9 +215,9 @@ def _forward(x2, stage, blend, alpha, p0, p1, telemetry, kind, act, dead_eps, op
             x2, y2, stage, blend, alpha, p0, p1, stats, rec[n_cols:] if det else rec,
             rows, x2.shape[1], seeds, chunk, rank, low.rows_per_split, stats_stride, int(det), dead_eps,
             0.5 / (rows * chunk),
-            ACT=ACT_IDS[act], BLOCK_T=low.block_t, CP=low.chunk_tile, RP=plan.rank_tile,
-            DOT_PRECISION=opts.dot_precision,
-            **lowrank_fwd_shape_args(low.block_t, low.chunk_tile, x2.element_size(), opts.lowrank_warps),
+            ACT=ACT_IDS[act], BLOCK_T=low.block_t, CP=low.chunk_tile, RP=plan.rank_tile, RANK=rank,
+            DOT_PRECISION=opts.dot_precision, RANK1=plan.rank1,
+            **lowrank_fwd_shape_args(low.block_t, low.chunk_tile, x2.element_size(), opts.lowrank_warps, plan.rank1),
             **{**common, "num_warps": opts.lowrank_warps},
         )  # fmt: skip
     if det and has_stats:
@@ -250,8 +261,9 @@ def _backward(x2, dy2, drec, stage, blend, alpha, p0, p1, telemetry, kind, act, 
             x2, dy2, dx2, stage, blend, alpha, p0, p1, drec, g0, g1, stats,
             rows, x2.shape[1], seeds, chunk, rank, low.rows_per_split, stats_stride, grad_stride,
             1.0 / (rows * chunk),
-            ACT=ACT_IDS[act], BLOCK_T=low.block_t, CP=low.chunk_tile, RP=plan.rank_tile,
-            DOT_PRECISION=opts.dot_precision, **lowrank_bwd_shape_args(low.block_t, low.chunk_tile),
+            ACT=ACT_IDS[act], BLOCK_T=low.block_t, CP=low.chunk_tile, RP=plan.rank_tile, RANK=rank,
+            DOT_PRECISION=opts.dot_precision, RANK1=plan.rank1,
+            **lowrank_bwd_shape_args(low.block_t, low.chunk_tile),
             **{**common, "num_warps": opts.lowrank_warps},
         )  # fmt: skip
     if det:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DOT_PRECISIONS = ("ieee", "tf32")
+LOWRANK_MATHS = ("auto", "dots", "rank1")
 
 
 def _is_pow2(v: int) -> bool:
@@ -21,7 +22,9 @@ class KernelOptions:
     keeps the per-seed row sums of the telemetry inside each thread; for narrow chunks (a program must cover 256
     elements of each of its seeds) it trades width for rows, at the same tile size. The lowrank
     kernels (the TRAINING and blended seeds of a lowrank layer) walk [lowrank_rows, chunk] tiles with
-    lowrank_warps.
+    lowrank_warps, and run the blueprint as tensor-core dots or as fp32 rank-1 updates (lowrank_math; the
+    parameter gradients of trainable seeds always run as dots). auto: rank-1 updates for chunks up to 32 with
+    dot_precision=ieee (both exact fp32; the rank-1 updates are faster there), dots otherwise.
     """
 
     block_rows: int = 8  # rows per column-kernel tile
@@ -34,6 +37,7 @@ class KernelOptions:
     lowrank_rows: int = 128  # rows per lowrank-kernel tile (>= 16: tl.dot; fewer when the chunk is wide)
     lowrank_warps: int = 4
     programs_per_sm: int = 8  # grid size of the column kernels: about this many programs per multiprocessor
+    lowrank_math: str = "auto"  # auto | dots | rank1
 
     def __post_init__(self) -> None:
         for name in ("block_rows", "block_cols", "num_warps", "bwd_num_warps", "lowrank_rows", "lowrank_warps"):
@@ -50,5 +54,7 @@ class KernelOptions:
             raise ValueError(f"kernel.programs_per_sm must be an integer in [1, 64], got {self.programs_per_sm!r}")
         if self.dot_precision not in DOT_PRECISIONS:
             raise ValueError(f"kernel.dot_precision must be one of {list(DOT_PRECISIONS)}, got {self.dot_precision!r}")
+        if self.lowrank_math not in LOWRANK_MATHS:
+            raise ValueError(f"kernel.lowrank_math must be one of {list(LOWRANK_MATHS)}, got {self.lowrank_math!r}")
         if not isinstance(self.deterministic, bool) or not isinstance(self.autotune, bool):
             raise ValueError("kernel.deterministic and kernel.autotune must be booleans")

@@ -7,6 +7,7 @@ On the CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set by c
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
@@ -51,6 +52,7 @@ DIAG_SHAPES = [
     pytest.param((21,), 11, 37, id="T21-N11-C37"),
 ]
 BLENDS = ["additive", "multiplicative", "linear", "mixed"]
+LOWRANK_MATHS = ["dots", "rank1"]  # both ways of running the blueprint, on every shape (auto picks per chunk)
 
 
 def make_case(lead, n, c, *, kind, rank, blend, dtype, device, seed=0):
@@ -118,9 +120,10 @@ def assert_passthrough(out, case, c):
 @pytest.mark.parametrize("blend", BLENDS)
 @pytest.mark.parametrize("act", ["relu", "gelu_tanh"])
 @pytest.mark.parametrize("lead, n, c", SHAPES)
-def test_lowrank_matches_reference(device, dtype, atol, rtol, blend, act, lead, n, c):
+@pytest.mark.parametrize("math", LOWRANK_MATHS)
+def test_lowrank_matches_reference(device, dtype, atol, rtol, blend, act, lead, n, c, math):
     case = make_case(lead, n, c, kind="lowrank", rank=5, blend=blend, dtype=dtype, device=device)
-    opts = KernelOptions(block_rows=16, block_cols=32)
+    opts = KernelOptions(block_rows=16, block_cols=32, lowrank_math=math)
     got = run_op(case, kind="lowrank", act=act, backend="triton", options=opts)
     want = run_op(case, kind="lowrank", act=act, backend="reference")
     assert_matches(got, want, dtype, atol, rtol)
@@ -149,8 +152,11 @@ def test_block_shapes_and_paths_agree(device, kind, n, c, deterministic):
     case = make_case((70,), n, c, kind=kind, rank=16, blend="mixed", dtype=torch.float32, device=device, seed=3)
     want = run_op(case, kind=kind, act="gelu_tanh", backend="reference")
     tilings = [(16, 16, 16), (32, 64, 32), (8, 0, 64), (4, 128, 16), (1, 512, 128), (2, 0, 16)]
-    for rows, cols, lowrank_rows in tilings:
-        opts = KernelOptions(block_rows=rows, block_cols=cols, deterministic=deterministic, lowrank_rows=lowrank_rows)
+    maths = LOWRANK_MATHS if kind == "lowrank" else ["auto"]
+    for (rows, cols, lowrank_rows), math in itertools.product(tilings, maths):
+        opts = KernelOptions(
+            block_rows=rows, block_cols=cols, deterministic=deterministic, lowrank_rows=lowrank_rows, lowrank_math=math
+        )
         got = run_op(case, kind=kind, act="gelu_tanh", backend="triton", options=opts)
         try:
             assert_matches(got, want, torch.float32, 1e-5, 1e-5)

@@ -116,6 +116,7 @@ def test_bad_group_option_lists_options(hydra_ctx, overrides, group):
         (["kernel.lowrank_rows=8"], "kernel.lowrank_rows"),
         (["kernel.lowrank_warps=6"], "kernel.lowrank_warps"),
         (["kernel.programs_per_sm=0"], "kernel.programs_per_sm"),
+        (["kernel.lowrank_math=fma"], "kernel.lowrank_math"),
         (["train.steps=-5"], "train.steps"),
         (["train.steps=0"], "train.steps"),
         (["train.lr=0"], "train.lr"),

@@ -54,3 +54,20 @@ def test_lowrank_programs_cover_enough_rows_for_their_gradient_adds(h100):
 def test_lowrank_tile_rows_are_capped_by_the_rows(h100):
     low = plan(h100, "lowrank", 32, 1000, 64).lowrank
     assert (low.block_t, low.splits, low.rows_per_split) == (32, 1, 32)
+
+
+@pytest.mark.parametrize(
+    "chunk, precision, math, rank1",
+    [
+        (16, "ieee", "auto", True),  # exact fp32 either way: rank-1 updates are the faster
+        (32, "ieee", "auto", True),
+        (64, "ieee", "auto", False),  # wide chunks: the dots
+        (16, "tf32", "auto", False),  # tf32 dots beat fp32 rank-1 updates
+        (256, "tf32", "rank1", True),  # an explicit choice is kept
+        (16, "ieee", "dots", False),
+    ],
+)
+def test_lowrank_math_auto_picks_rank1_updates_for_narrow_exact_chunks(h100, chunk, precision, math, rank1):
+    p = plan(h100, "lowrank", 4096, 64, chunk, dot_precision=precision, lowrank_math=math)
+    assert p.rank1 is rank1
+    assert plan(h100, "diagonal", 4096, 64, chunk, lowrank_math=math).rank1 is False

@@ -246,6 +246,7 @@ def test_kernel_options_defaults_are_valid():
         ({"num_warps": 3}, r"kernel\.num_warps must be a power of two, got 3"),
         ({"num_warps": 64}, r"kernel\.num_warps must be one of \[1, 2, 4, 8, 16, 32\]"),
         ({"dot_precision": "tf32x3"}, r"kernel\.dot_precision must be one of \['ieee', 'tf32'\]"),
+        ({"lowrank_math": "fma"}, r"kernel\.lowrank_math must be one of \['auto', 'dots', 'rank1'\], got 'fma'"),
     ],
 )
 def test_kernel_options_reject_bad_values(kwargs, pattern):
