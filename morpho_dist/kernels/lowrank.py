@@ -166,6 +166,28 @@ def _lowrank_fwd_kernel(
 
 
 @triton.jit
+def _bwd_tile(x_ptr, dy_ptr, rows, feats, cmask, T, H, acc_gsq, ROW_FOLD: tl.constexpr):
+    """A backward tile of a seed's rows: (mask, offsets, dy as stored, dy and x in fp32, acc_gsq + its grad_sq)."""
+    m = (rows < T)[:, None] & cmask[None, :]
+    offs = rows[:, None] * H + feats[None, :]
+    dyr = tl.load(dy_ptr + offs, mask=m, other=0.0)
+    dy = dyr.to(tl.float32)
+    acc_gsq += tl.sum(_fold_rows(dy * dy, ROW_FOLD), axis=0)
+    x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+    return m, offs, dyr, dy, x, acc_gsq
+
+
+@triton.jit
+def _bwd_blend(x, u, dy, m, a_eff, bl, acc_ben, ROW_FOLD: tl.constexpr):
+    """The blend's (d/dx, d/du) for a tile, and acc_ben + its benefit."""
+    th = _tanh(u)
+    ben = tl.where(m, dy * _blend_full_delta(x, u, th, bl), 0.0)
+    acc_ben += tl.sum(_fold_rows(ben, ROW_FOLD), axis=0)
+    gx, gu = _blend_grads(x, th, dy, a_eff, bl)
+    return gx, gu, acc_ben
+
+
+@triton.jit
 def _bwd_rows_dot(
     x_ptr, dy_ptr, dx_ptr, a, b, feats, cmask, row_lo, rows_per_split, T, H, bl, a_eff, blended, trainable,
     reconstruct, drec_scaled, acc_gsq, acc_ben, acc_ga, acc_gb,
@@ -175,20 +197,11 @@ def _bwd_rows_dot(
     """The backward over a program's rows with tensor-core dots (any seed; parameter gradients if trainable)."""
     offs_t = tl.arange(0, BLOCK_T)
     for t0 in range(row_lo, row_lo + rows_per_split, BLOCK_T):
-        rows = t0 + offs_t
-        m = (rows < T)[:, None] & cmask[None, :]
-        offs = rows[:, None] * H + feats[None, :]
-        dyr = tl.load(dy_ptr + offs, mask=m, other=0.0)
-        dy = dyr.to(tl.float32)
-        acc_gsq += tl.sum(_fold_rows(dy * dy, ROW_FOLD), axis=0)
-        x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        m, offs, dyr, dy, x, acc_gsq = _bwd_tile(x_ptr, dy_ptr, t0 + offs_t, feats, cmask, T, H, acc_gsq, ROW_FOLD)
         hp = _dot_k_split(x, a, K_SPLIT, DOT_PRECISION)
         hh = _act(hp, ACT)
         u = tl.dot(hh, b, input_precision=DOT_PRECISION)
-        th = _tanh(u)
-        ben = tl.where(m, dy * _blend_full_delta(x, u, th, bl), 0.0)
-        acc_ben += tl.sum(_fold_rows(ben, ROW_FOLD), axis=0)
-        gx, gu = _blend_grads(x, th, dy, a_eff, bl)
+        gx, gu, acc_ben = _bwd_blend(x, u, dy, m, a_eff, bl, acc_ben, ROW_FOLD)
         du = tl.where(m, tl.where(reconstruct, drec_scaled * (u - x), gu), 0.0)
         dhp = _dot_k_split(du, tl.trans(b), K_SPLIT, DOT_PRECISION) * _act_grad(hp, ACT)
         if trainable:
@@ -212,18 +225,9 @@ def _bwd_rows_rank1(
     (STABILIZATION, EVALUATING, FOSSILIZED): dx only, plus telemetry."""
     offs_t = tl.arange(0, BLOCK_T)
     for t0 in range(row_lo, row_lo + rows_per_split, BLOCK_T):
-        rows = t0 + offs_t
-        m = (rows < T)[:, None] & cmask[None, :]
-        offs = rows[:, None] * H + feats[None, :]
-        dyr = tl.load(dy_ptr + offs, mask=m, other=0.0)
-        dy = dyr.to(tl.float32)
-        acc_gsq += tl.sum(_fold_rows(dy * dy, ROW_FOLD), axis=0)
-        x = tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float32)
+        m, offs, dyr, dy, x, acc_gsq = _bwd_tile(x_ptr, dy_ptr, t0 + offs_t, feats, cmask, T, H, acc_gsq, ROW_FOLD)
         u = _rank1_forward(x, a_ptr, b_ptr, c, cmask, C, RANK, ACT)
-        th = _tanh(u)
-        ben = tl.where(m, dy * _blend_full_delta(x, u, th, bl), 0.0)
-        acc_ben += tl.sum(_fold_rows(ben, ROW_FOLD), axis=0)
-        gx, gu = _blend_grads(x, th, dy, a_eff, bl)
+        gx, gu, acc_ben = _bwd_blend(x, u, dy, m, a_eff, bl, acc_ben, ROW_FOLD)
         dxu = _rank1_input_grad(x, tl.where(m, gu, 0.0), a_ptr, b_ptr, c, cmask, C, RANK, ACT)
         tl.store(dx_ptr + offs, (gx + dxu).to(dyr.dtype), mask=m)
     return acc_gsq, acc_ben
