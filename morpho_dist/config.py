@@ -119,6 +119,7 @@ class KernelConfig:
     lowrank_warps: int = KernelOptions.lowrank_warps
     programs_per_sm: int = KernelOptions.programs_per_sm
     lowrank_math: str = KernelOptions.lowrank_math
+    overlap: bool = KernelOptions.overlap
 
 
 @dataclass

@@ -331,6 +331,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--kernel-autotune", action="store_true", help="KernelOptions(autotune=True)")
     ap.add_argument("--dot-precision", default="tf32", help="KernelOptions.dot_precision")
     ap.add_argument("--lowrank-math", default=KernelOptions.lowrank_math, help="KernelOptions.lowrank_math")
+    ap.add_argument("--no-overlap", action="store_true", help="KernelOptions(overlap=False): one stream")
     ap.add_argument("--guard", action="store_true", help="also time every variant with the reliability guard on")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
     ap.add_argument("--warmup", type=int, default=5)
@@ -353,7 +354,10 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = getattr(torch, args.dtype)
     backend = args.backend or ("triton" if device.type == "cuda" else "reference")
     kernel = KernelOptions(
-        dot_precision=args.dot_precision, autotune=args.kernel_autotune, lowrank_math=args.lowrank_math
+        dot_precision=args.dot_precision,
+        autotune=args.kernel_autotune,
+        lowrank_math=args.lowrank_math,
+        overlap=not args.no_overlap,
     )
     meta = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu"),

@@ -72,7 +72,7 @@ def variants(warps: list[int]):
     columns = [(False, 16, 16, 16, True), (False, 64, 4, 32, False), (True, 1, 256, 16, True), (True, 4, 16, 32, False)]
     for (diag, cp, spp, bt, dense), c, dtype, w in itertools.product(columns, common, ["fp32", "bf16"], warps):
         ce = dict(DIAGONAL=diag, BLOCK_T=bt, CP=cp, SPP=spp, DENSE=dense, **c)
-        yield _columns_fwd_kernel, ce, dtype, w
+        yield _columns_fwd_kernel, dict(ce, ZERO_REC=not diag), dtype, w
         yield _columns_bwd_kernel, ce, dtype, w
     lowrank = [(16, 64, True), (16, 128, True), (64, 32, False), (256, 16, False)]
     for (cp, bt, rank1), c, dtype, w in itertools.product(lowrank, common, ["fp32", "bf16"], warps):

@@ -87,7 +87,7 @@ def _columns_fwd_kernel(
     x_ptr, y_ptr, stage_ptr, blend_ptr, alpha_ptr, g_ptr, b_ptr, stats_ptr, rec_ptr,
     T, H, N, C, rows_per_split, stats_split_stride, rec_prog_stride, dead_eps, rec_scale,
     DIAGONAL: tl.constexpr, BLOCK_T: tl.constexpr, CP: tl.constexpr, SPP: tl.constexpr,
-    USE_ATOMICS: tl.constexpr, HAS_STATS: tl.constexpr, DENSE: tl.constexpr,
+    USE_ATOMICS: tl.constexpr, HAS_STATS: tl.constexpr, DENSE: tl.constexpr, ZERO_REC: tl.constexpr,
 ):  # fmt: skip
     split = tl.program_id(0)
     group = tl.program_id(1)
@@ -129,8 +129,9 @@ def _columns_fwd_kernel(
     if USE_ATOMICS:
         if DIAGONAL:
             tl.atomic_add(rec_slot, rec_part, sem="relaxed")
-        elif split + group == 0:  # lowrank layer: the lowrank kernel, launched next, adds into a zeroed total
-            tl.store(rec_ptr, 0.0)
+        elif ZERO_REC:  # noqa: SIM102  lowrank layer: the lowrank kernel, launched next, adds into a zeroed total
+            if split + group == 0:
+                tl.store(rec_ptr, 0.0)
     else:
         tl.store(rec_slot, rec_part)
     if HAS_STATS:

@@ -1,7 +1,11 @@
 """Launchers of the seeded kernels: tile planning, result buffers, deterministic reductions.
 
 A diagonal layer runs the column kernel alone; a lowrank layer runs the column kernel over its idle seeds and
-the lowrank kernel over its TRAINING and blended seeds (each leaves the other's columns untouched).
+the lowrank kernel over its TRAINING and blended seeds (each leaves the other's columns untouched). On a CUDA
+device with kernel.overlap the lowrank kernel runs on a side stream that forks from the caller's stream and joins
+it again before the launcher returns, so the two kernels share the device: the memory-bound column kernel fills
+what the lowrank kernel, bound by its blueprint math, leaves of the bandwidth. Fork and join are stream events:
+no host synchronisation, and they capture into CUDA graphs.
 
 `seeded_forward` -> (y, rec_loss) and `seeded_backward` -> (dx, dp0, dp1); both add their telemetry fields to
 the [N, 8] buffer in place when one is given. Plain tensors in, plain tensors out: autograd lives in
@@ -10,6 +14,7 @@ morpho_dist.ops.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -32,6 +37,9 @@ _MIN_AUTO_WIDTH = 64  # features: auto-width column tiles are narrowed down to t
 # Rows per lowrank program, per unit of rank: each backward program adds its [C, R] + [R, C] parameter gradients
 # atomically once, so a program must cover enough rows for those adds to stay a small share of its traffic.
 _LOWRANK_ROWS_PER_RANK = 16
+# Lowrank grid: about this many programs per multiprocessor, planned as if a quarter of the seeds were active
+# (programs of idle seeds return at once). kernel.programs_per_sm sizes the column kernels alone.
+_LOWRANK_PROGRAMS_PER_SM = 32
 # The lowrank backward keeps per-thread partials of its telemetry (no cross-thread reduction per tile) only for
 # chunks up to this wide: for wider ones the partials push the kernel, already at the register limit, to spill.
 _MAX_FOLDED_BWD_CHUNK = 32
@@ -116,10 +124,10 @@ def plan_tiles(
     block_t = min(opts.lowrank_rows, max(16, triton.next_power_of_2(rows)))
     while block_t > 16 and block_t * cp > _MAX_LOWRANK_TILE_ELEMS:
         block_t //= 2
-    # Programs of idle seeds return at once: plan as if a quarter of the seeds were active.
     rank_tile = max(16, triton.next_power_of_2(rank))
     max_splits = max(1, rows // (_LOWRANK_ROWS_PER_RANK * rank_tile))
-    splits, rows_per_split = _grid(rows, seeds, block_t, 4 * target, max_splits)
+    low_target = _LOWRANK_PROGRAMS_PER_SM * _multiprocessors(device) or 16  # interpreter: a few splits still
+    splits, rows_per_split = _grid(rows, seeds, block_t, low_target, max_splits)
     lowrank = GridPlan(block_t, cp, 1, seeds, splits, rows_per_split, chunk == cp)
     rank1 = opts.lowrank_math == "rank1" or (
         opts.lowrank_math == "auto" and opts.dot_precision == "ieee" and chunk <= _MAX_RANK1_CHUNK
@@ -153,6 +161,31 @@ def _plan(kind, x2, stage, p0, opts, warps) -> tuple[TilePlan, int, int, int, in
     rank = p0.shape[2] if kind == "lowrank" else 1
     plan = plan_tiles(kind, rows, seeds, chunk, rank, opts, x2.device, warps, x2.element_size())
     return plan, rows, seeds, chunk, rank
+
+
+@functools.lru_cache(maxsize=16)
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    return torch.cuda.Stream(device)
+
+
+def _fork(device: torch.device, overlap: bool) -> torch.cuda.Stream | None:
+    """A side stream that starts where the caller's stream is now (None: launch everything on the caller's).
+    Every buffer is allocated before the fork, on the caller's stream, which `_join`s the side stream before
+    anything reads them: the caching allocator then hands none of them out again before the side stream is done."""
+    if not (overlap and device.type == "cuda"):
+        return None
+    side = _side_stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    return side
+
+
+def _on(side: torch.cuda.Stream | None):
+    return contextlib.nullcontext() if side is None else torch.cuda.stream(side)
+
+
+def _join(side: torch.cuda.Stream | None) -> None:
+    if side is not None:
+        torch.cuda.current_stream(side.device).wait_stream(side)
 
 
 def _merge_partials(telemetry: torch.Tensor, parts: torch.Tensor) -> None:
@@ -197,29 +230,35 @@ def _forward(x2, stage, blend, alpha, p0, p1, telemetry, kind, act, dead_eps, op
     stats, stats_stride = _stats_buffer(plan, seeds, telemetry, x2, opts)
     det = opts.deterministic
     n_cols = cols.splits * cols.groups
+    overlap = low is not None and opts.overlap
+    # The column kernel zeroes the lowrank total (one launch fewer) where the lowrank kernel runs after it
+    zero_rec = low is not None and not (det or overlap)
     if det:  # a slot per program (programs of idle lowrank seeds leave theirs at zero)
         rec = torch.zeros(n_cols + (low.splits * low.groups if low else 0), device=x2.device)
-    elif low is None:  # the column kernel adds into it
-        rec = torch.zeros(1, device=x2.device)
-    else:  # the column kernel zeroes it (one launch fewer) and the lowrank kernel, launched next, adds into it
-        rec = torch.empty(1, device=x2.device)
+    else:  # the kernels add into it
+        rec = torch.empty(1, device=x2.device) if zero_rec else torch.zeros(1, device=x2.device)
     common = dict(USE_ATOMICS=not det, HAS_STATS=has_stats, num_warps=opts.num_warps, num_stages=_NUM_STAGES)
+    side = _fork(x2.device, overlap)
     _columns_fwd_kernel[(cols.splits, cols.groups)](
         x2, y2, stage, blend, alpha, p0, p1, stats, rec,
         rows, x2.shape[1], seeds, chunk, cols.rows_per_split, stats_stride, int(det), dead_eps, 0.5 / (rows * chunk),
         DIAGONAL=kind == "diagonal", BLOCK_T=cols.block_t, CP=cols.chunk_tile, SPP=cols.seeds_per_prog,
-        DENSE=cols.dense, **common,
+        DENSE=cols.dense, ZERO_REC=zero_rec, **common,
     )  # fmt: skip
     if low is not None:
-        _lowrank_fwd_kernel[(low.splits, low.groups)](
-            x2, y2, stage, blend, alpha, p0, p1, stats, rec[n_cols:] if det else rec,
-            rows, x2.shape[1], seeds, chunk, rank, low.rows_per_split, stats_stride, int(det), dead_eps,
-            0.5 / (rows * chunk),
-            ACT=ACT_IDS[act], BLOCK_T=low.block_t, CP=low.chunk_tile, RP=plan.rank_tile, RANK=rank,
-            DOT_PRECISION=opts.dot_precision, RANK1=plan.rank1,
-            **lowrank_fwd_shape_args(low.block_t, low.chunk_tile, x2.element_size(), opts.lowrank_warps, plan.rank1),
-            **{**common, "num_warps": opts.lowrank_warps},
-        )  # fmt: skip
+        with _on(side):
+            _lowrank_fwd_kernel[(low.splits, low.groups)](
+                x2, y2, stage, blend, alpha, p0, p1, stats, rec[n_cols:] if det else rec,
+                rows, x2.shape[1], seeds, chunk, rank, low.rows_per_split, stats_stride, int(det), dead_eps,
+                0.5 / (rows * chunk),
+                ACT=ACT_IDS[act], BLOCK_T=low.block_t, CP=low.chunk_tile, RP=plan.rank_tile, RANK=rank,
+                DOT_PRECISION=opts.dot_precision, RANK1=plan.rank1,
+                **lowrank_fwd_shape_args(
+                    low.block_t, low.chunk_tile, x2.element_size(), opts.lowrank_warps, plan.rank1
+                ),
+                **{**common, "num_warps": opts.lowrank_warps},
+            )  # fmt: skip
+    _join(side)
     if det and has_stats:
         _merge_partials(telemetry, stats)
     return y2, rec.sum() if det else rec.view(())
@@ -250,6 +289,7 @@ def _backward(x2, dy2, drec, stage, blend, alpha, p0, p1, telemetry, kind, act, 
     stats, stats_stride = _stats_buffer(plan, seeds, telemetry, x2, opts)
     grad_stride = p0.numel() if det else 0
     common = dict(USE_ATOMICS=not det, HAS_STATS=has_stats, num_warps=opts.bwd_num_warps, num_stages=_NUM_STAGES)
+    side = _fork(x2.device, low is not None and opts.overlap)
     _columns_bwd_kernel[(cols.splits, cols.groups)](
         x2, dy2, dx2, stage, blend, alpha, p0, p1, drec, g0, g1, stats,
         rows, x2.shape[1], seeds, chunk, cols.rows_per_split, stats_stride, grad_stride, 1.0 / (rows * chunk),
@@ -257,15 +297,17 @@ def _backward(x2, dy2, drec, stage, blend, alpha, p0, p1, telemetry, kind, act, 
         DENSE=cols.dense, **common,
     )  # fmt: skip
     if low is not None:
-        _lowrank_bwd_kernel[(low.splits, low.groups)](
-            x2, dy2, dx2, stage, blend, alpha, p0, p1, drec, g0, g1, stats,
-            rows, x2.shape[1], seeds, chunk, rank, low.rows_per_split, stats_stride, grad_stride,
-            1.0 / (rows * chunk),
-            ACT=ACT_IDS[act], BLOCK_T=low.block_t, CP=low.chunk_tile, RP=plan.rank_tile, RANK=rank,
-            DOT_PRECISION=opts.dot_precision, RANK1=plan.rank1,
-            **lowrank_bwd_shape_args(low.block_t, low.chunk_tile),
-            **{**common, "num_warps": opts.lowrank_warps},
-        )  # fmt: skip
+        with _on(side):
+            _lowrank_bwd_kernel[(low.splits, low.groups)](
+                x2, dy2, dx2, stage, blend, alpha, p0, p1, drec, g0, g1, stats,
+                rows, x2.shape[1], seeds, chunk, rank, low.rows_per_split, stats_stride, grad_stride,
+                1.0 / (rows * chunk),
+                ACT=ACT_IDS[act], BLOCK_T=low.block_t, CP=low.chunk_tile, RP=plan.rank_tile, RANK=rank,
+                DOT_PRECISION=opts.dot_precision, RANK1=plan.rank1,
+                **lowrank_bwd_shape_args(low.block_t, low.chunk_tile),
+                **{**common, "num_warps": opts.lowrank_warps},
+            )  # fmt: skip
+    _join(side)
     if det:
         if has_stats:
             _merge_partials(telemetry, stats)

@@ -24,7 +24,8 @@ class KernelOptions:
     kernels (the TRAINING and blended seeds of a lowrank layer) walk [lowrank_rows, chunk] tiles with
     lowrank_warps, and run the blueprint as tensor-core dots or as fp32 rank-1 updates (lowrank_math; the
     parameter gradients of trainable seeds always run as dots). auto: rank-1 updates for chunks up to 32 with
-    dot_precision=ieee (both exact fp32; the rank-1 updates are faster there), dots otherwise.
+    dot_precision=ieee (both exact fp32; the rank-1 updates are faster there), dots otherwise. With overlap (on a
+    CUDA device) the lowrank kernels run on a side stream, at the same time as the column kernels.
     """
 
     block_rows: int = 8  # rows per column-kernel tile
@@ -36,8 +37,9 @@ class KernelOptions:
     autotune: bool = False  # True: time a few tilings per shape on first use and keep the fastest (per process)
     lowrank_rows: int = 128  # rows per lowrank-kernel tile (>= 16: tl.dot; fewer when the chunk is wide)
     lowrank_warps: int = 4
-    programs_per_sm: int = 8  # grid size of the column kernels: about this many programs per multiprocessor
+    programs_per_sm: int = 4  # grid size of the column kernels: about this many programs per multiprocessor
     lowrank_math: str = "auto"  # auto | dots | rank1
+    overlap: bool = True  # CUDA: lowrank kernels on a side stream, concurrent with the column kernels
 
     def __post_init__(self) -> None:
         for name in ("block_rows", "block_cols", "num_warps", "bwd_num_warps", "lowrank_rows", "lowrank_warps"):
@@ -56,5 +58,6 @@ class KernelOptions:
             raise ValueError(f"kernel.dot_precision must be one of {list(DOT_PRECISIONS)}, got {self.dot_precision!r}")
         if self.lowrank_math not in LOWRANK_MATHS:
             raise ValueError(f"kernel.lowrank_math must be one of {list(LOWRANK_MATHS)}, got {self.lowrank_math!r}")
-        if not isinstance(self.deterministic, bool) or not isinstance(self.autotune, bool):
-            raise ValueError("kernel.deterministic and kernel.autotune must be booleans")
+        for name in ("deterministic", "autotune", "overlap"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"kernel.{name} must be a boolean (true or false), got {getattr(self, name)!r}")

@@ -63,10 +63,11 @@ def seeded_fwd(
     kind: str, act: str, dead_eps: float,
     block_rows: int, block_cols: int, num_warps: int, deterministic: bool, dot_precision: str, bwd_num_warps: int,
     autotune: bool, lowrank_rows: int, lowrank_warps: int, programs_per_sm: int, lowrank_math: str,
+    overlap: bool,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     opts = KernelOptions(
         block_rows, block_cols, num_warps, deterministic, dot_precision, bwd_num_warps, autotune,
-        lowrank_rows, lowrank_warps, programs_per_sm, lowrank_math,
+        lowrank_rows, lowrank_warps, programs_per_sm, lowrank_math, overlap,
     )  # fmt: skip
     return _forward_impl(x, stage, blend, alpha, p0, p1, telemetry, kind, act, dead_eps, opts)
 
@@ -82,10 +83,11 @@ def seeded_bwd(
     telemetry: Tensor | None, kind: str, act: str,
     block_rows: int, block_cols: int, num_warps: int, deterministic: bool, dot_precision: str, bwd_num_warps: int,
     autotune: bool, lowrank_rows: int, lowrank_warps: int, programs_per_sm: int, lowrank_math: str,
+    overlap: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     opts = KernelOptions(
         block_rows, block_cols, num_warps, deterministic, dot_precision, bwd_num_warps, autotune,
-        lowrank_rows, lowrank_warps, programs_per_sm, lowrank_math,
+        lowrank_rows, lowrank_warps, programs_per_sm, lowrank_math, overlap,
     )  # fmt: skip
     return _backward_impl(dy, drec, x, stage, blend, alpha, p0, p1, telemetry, kind, act, opts)
 

@@ -148,15 +148,19 @@ def test_diagonal_matches_reference(device, dtype, atol, rtol, blend, lead, n, c
 @pytest.mark.parametrize("kind, n, c", [("lowrank", 6, 16), ("diagonal", 24, 2)])
 @pytest.mark.parametrize("deterministic", [False, True])
 def test_block_shapes_and_paths_agree(device, kind, n, c, deterministic):
-    """Different tilings, row splits and the atomic vs deterministic result paths give the reference's answer."""
+    """Different tilings, row splits, the atomic vs deterministic result paths and the one- vs two-stream launch
+    (overlap: off, the column kernel zeroes the lowrank total; on, it comes zero-filled) give the reference's answer."""
     case = make_case((70,), n, c, kind=kind, rank=16, blend="mixed", dtype=torch.float32, device=device, seed=3)
     want = run_op(case, kind=kind, act="gelu_tanh", backend="reference")
-    tilings = [(16, 16, 16), (32, 64, 32), (8, 0, 64), (4, 128, 16), (1, 512, 128), (2, 0, 16)]
+    # (block_rows, block_cols, lowrank_rows, overlap)
+    tilings = [(16, 16, 16, True), (32, 64, 32, False), (8, 0, 64, True), (4, 128, 16, True), (1, 512, 128, False)]
+    tilings.append((2, 0, 16, False))
     maths = LOWRANK_MATHS if kind == "lowrank" else ["auto"]
-    for (rows, cols, lowrank_rows), math in itertools.product(tilings, maths):
+    for (rows, cols, lowrank_rows, overlap), math in itertools.product(tilings, maths):
         opts = KernelOptions(
-            block_rows=rows, block_cols=cols, deterministic=deterministic, lowrank_rows=lowrank_rows, lowrank_math=math
-        )
+            block_rows=rows, block_cols=cols, deterministic=deterministic, lowrank_rows=lowrank_rows,
+            lowrank_math=math, overlap=overlap,
+        )  # fmt: skip
         got = run_op(case, kind=kind, act="gelu_tanh", backend="triton", options=opts)
         try:
             assert_matches(got, want, torch.float32, 1e-5, 1e-5)
@@ -229,3 +233,48 @@ def test_nonfinite_idle_bank_does_not_leak(device, backend, kind):
     dirty = run_op((x, dy, stage, blend, alpha, p0, p1), kind=kind, act="relu", backend=backend)
     for name in ("y", "dx", "rec_loss", "tel"):
         assert torch.equal(dirty[name], clean[name]), name
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="streams need a CUDA device")
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_overlapped_streams_match_one_stream_and_replay_from_a_graph(deterministic):
+    """kernel.overlap runs the lowrank kernels on a side stream: the same results as one stream (bit for bit on
+    the pass-through and blended outputs, which no two programs share), the same from a captured CUDA graph,
+    and the caller's stream waits for the side stream before it returns."""
+    case = make_case((4096,), 96, 16, kind="lowrank", rank=16, blend="mixed", dtype=torch.float32, device="cuda")
+    serial = KernelOptions(overlap=False, deterministic=deterministic)
+    overlapped = KernelOptions(overlap=True, deterministic=deterministic)
+    want = run_op(case, kind="lowrank", act="relu", backend="triton", options=serial)
+    got = run_op(case, kind="lowrank", act="relu", backend="triton", options=overlapped)
+    if deterministic:  # fixed-order sums: identical however the two streams interleave
+        for name in want:
+            assert torch.equal(got[name], want[name]), name
+    else:  # float atomics: only their order differs
+        assert_matches(got, want, torch.float32, 0, 0)
+
+    x, dy, stage, blend, alpha, p0, p1 = case
+    x, p0, p1 = (t.clone().requires_grad_() for t in (x, p0, p1))
+    tel = torch.zeros(stage.numel(), len(TELEMETRY_FIELDS), device="cuda")
+
+    def step():
+        # check_ids=False: checking the ids reads them on the host, and no host sync may run inside a capture
+        opts = dict(kind="lowrank", act="relu", backend="triton", options=overlapped, check_ids=False)
+        y, rec = seeded(x, stage, blend, alpha, p0, p1, tel, **opts)
+        return (y, *torch.autograd.grad(torch.sum(y * dy) + 0.7 * rec, (x, p0, p1)))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up (compiles the kernels) off the capture
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    tel.zero_()
+    graph.replay()
+    torch.testing.assert_close(outs[0], want["y"], atol=0, rtol=0)
+    torch.testing.assert_close(outs[1], want["dx"], atol=0, rtol=0)
+    torch.testing.assert_close(outs[2], want["dp0"], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(outs[3], want["dp1"], atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(tel, want["tel"], atol=1e-3, rtol=1e-4)

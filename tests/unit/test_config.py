@@ -85,6 +85,7 @@ def test_overrides_compose(hydra_ctx, overrides):
         (["train.steps=abc"], "train.steps"),
         (["kernel.block_rows=1.5"], "kernel.block_rows"),
         (["kernel.autotune=maybe"], "kernel.autotune"),
+        (["kernel.overlap=sometimes"], "kernel.overlap"),
     ],
 )
 def test_bad_key_or_type_fails_at_compose(hydra_ctx, overrides, key):

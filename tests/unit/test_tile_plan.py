@@ -24,7 +24,7 @@ def plan(device, kind, rows, seeds, chunk, rank=16, elem_size=4, **opts):
 def test_wide_chunks_keep_the_configured_tile(h100, elem_size):
     cols = plan(h100, "lowrank", 8192, 256, 16, elem_size=elem_size).columns
     assert cols.block_t == 8 and cols.chunk_tile * cols.seeds_per_prog == 2 * 512 // elem_size
-    assert cols.splits * cols.groups >= 8 * 132 * 0.9  # about programs_per_sm programs per multiprocessor
+    assert cols.splits * cols.groups >= KernelOptions().programs_per_sm * 132 * 0.9  # about programs_per_sm per SM
 
 
 @pytest.mark.parametrize("elem_size", [4, 2])
