@@ -152,9 +152,10 @@ def test_block_shapes_and_paths_agree(device, kind, n, c, deterministic):
     (overlap: off, the column kernel zeroes the lowrank total; on, it comes zero-filled) give the reference's answer."""
     case = make_case((70,), n, c, kind=kind, rank=16, blend="mixed", dtype=torch.float32, device=device, seed=3)
     want = run_op(case, kind=kind, act="gelu_tanh", backend="reference")
-    # (block_rows, block_cols, lowrank_rows, overlap)
-    tilings = [(16, 16, 16, True), (32, 64, 32, False), (8, 0, 64, True), (4, 128, 16, True), (1, 512, 128, False)]
-    tilings.append((2, 0, 16, False))
+    tilings = [  # (block_rows, block_cols, lowrank_rows, overlap)
+        (16, 16, 16, True), (32, 64, 32, False), (8, 0, 64, True), (4, 128, 16, True), (1, 512, 128, False),
+        (2, 0, 16, False),
+    ]  # fmt: skip
     maths = LOWRANK_MATHS if kind == "lowrank" else ["auto"]
     for (rows, cols, lowrank_rows, overlap), math in itertools.product(tilings, maths):
         opts = KernelOptions(
