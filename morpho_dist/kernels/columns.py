@@ -73,6 +73,13 @@ def _tile_columns(
 
 
 @triton.jit
+def _load_rows(ptr, rows, row_hi, H, feats, own):
+    """The [rows, feats] tile of a [T, H] tensor, zero outside the program's rows and owned columns."""
+    m = (rows < row_hi)[:, None] & own[None, :]
+    return tl.load(ptr + rows[:, None] * H + feats[None, :], mask=m, other=0.0)
+
+
+@triton.jit
 def _per_seed(acc, SPP: tl.constexpr, CP: tl.constexpr, IS_MAX: tl.constexpr):
     """Fold a per-column accumulator [SPP * CP] into per-seed values [SPP]."""
     acc2 = tl.reshape(acc, [SPP, CP])
@@ -92,6 +99,7 @@ def _columns_fwd_kernel(
     split = tl.program_id(0)
     group = tl.program_id(1)
     row_lo = split * rows_per_split
+    row_hi = tl.minimum(row_lo + rows_per_split, T)
     seeds, s_own, any_math, s_reconstruct = _program_seeds(stage_ptr, blend_ptr, alpha_ptr, group, N, SPP, DIAGONAL)
     acc_sum = tl.zeros([SPP * CP], tl.float32)
     acc_sq = tl.zeros([SPP * CP], tl.float32)
@@ -107,11 +115,14 @@ def _columns_fwd_kernel(
             if DIAGONAL:  # every in-range column is owned
                 g = tl.load(g_ptr + feats, mask=own, other=0.0).to(tl.float32)
                 b = tl.load(b_ptr + feats, mask=own, other=0.0).to(tl.float32)
+            # The next tile's x is loaded before this tile is reduced and stored: two tiles in flight per program
+            xr_next = _load_rows(x_ptr, row_lo + offs_t, row_hi, H, feats, own)
             for t0 in range(row_lo, row_lo + rows_per_split, BLOCK_T):
                 rows = t0 + offs_t
                 m = (rows < T)[:, None] & own[None, :]
                 offs = rows[:, None] * H + feats[None, :]
-                xr = tl.load(x_ptr + offs, mask=m, other=0.0)
+                xr = xr_next
+                xr_next = _load_rows(x_ptr, rows + BLOCK_T, row_hi, H, feats, own)
                 x = xr.to(tl.float32)
                 acc_sum, acc_sq, acc_dead, acc_max = _add_x_stats(acc_sum, acc_sq, acc_dead, acc_max, x, m, dead_eps)
                 out = xr  # idle and TRAINING seeds: y is x, bit for bit
@@ -172,6 +183,7 @@ def _columns_bwd_kernel(
             if DIAGONAL:  # every in-range column is owned
                 g = tl.load(g_ptr + feats, mask=own, other=0.0).to(tl.float32)
                 b = tl.load(b_ptr + feats, mask=own, other=0.0).to(tl.float32)
+            # No prefetch of the next dy tile here: on an H200 it made wide's dormant fwd+bwd 2-3% slower.
             for t0 in range(row_lo, row_lo + rows_per_split, BLOCK_T):
                 rows = t0 + offs_t
                 m = (rows < T)[:, None] & own[None, :]
