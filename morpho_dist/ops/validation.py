@@ -121,6 +121,12 @@ def check_seeded_args(
     if not (dead_eps >= 0.0):
         raise ValueError(f"dead_eps must be >= 0, got {dead_eps}")
     if check_ids:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            # Reading the ids is a host sync, which would invalidate the capture with CUDA's own, opaque error.
+            raise ValueError(
+                "check_ids=True reads stage and blend on the host, which a CUDA graph capture does not allow; "
+                "allowed inside a capture: check_ids=False (validate the ids before capturing)"
+            )
         for name, t, (lo, hi) in (("stage", stage, STAGE_ID_RANGE), ("blend", blend, BLEND_ID_RANGE)):
             bad = (t < lo) | (t > hi)
             if bool(bad.any()):

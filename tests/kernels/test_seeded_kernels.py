@@ -279,3 +279,15 @@ def test_overlapped_streams_match_one_stream_and_replay_from_a_graph(determinist
     torch.testing.assert_close(outs[2], want["dp0"], atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(outs[3], want["dp1"], atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(tel, want["tel"], atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="graph capture needs a CUDA device")
+def test_check_ids_inside_a_capture_is_refused_by_name():
+    x, _dy, stage, blend, alpha, p0, p1 = make_case(
+        (64,), 4, 16, kind="lowrank", rank=4, blend="mixed", dtype=torch.float32, device="cuda"
+    )
+    graph = torch.cuda.CUDAGraph()
+    refused = pytest.raises(ValueError, match=r"check_ids=True .* allowed inside a capture: check_ids=False")
+    with refused, torch.cuda.graph(graph):
+        seeded(x, stage, blend, alpha, p0, p1, None, kind="lowrank", backend="triton", check_ids=True)

@@ -204,6 +204,16 @@ def test_triton_refuses_x_past_int32_indexing():
         call(args, "triton")
 
 
+def test_check_ids_refused_inside_a_graph_capture(monkeypatch):
+    """Inside a CUDA graph capture, check_ids=True (a host read) is refused by name; check_ids=False passes."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    args = base_args("lowrank")
+    with pytest.raises(ValueError, match=r"check_ids=True .* capture .* allowed inside a capture: check_ids=False"):
+        check_seeded_args(**args)
+    assert check_seeded_args(**args, check_ids=False).seeds == N
+
+
 @pytest.mark.parametrize("bad", ["cuda", "Triton", "", "torch"])
 def test_bad_backend_name(bad):
     with pytest.raises(ValueError, match=r"allowed values: \['triton', 'reference', 'auto'\]") as info:
