@@ -46,7 +46,7 @@ def _signature(fn, constexprs: dict, dtype: str) -> dict:
 
 def _attrs(fn, signature: dict) -> dict:
     """The specialisation a launch gives real inputs: 16-byte aligned pointers, sizes divisible by 16."""
-    divisible = {"H", "rows_per_split", "stats_split_stride", "grad_split_stride"}
+    divisible = {"H", "C", "R", "rows_per_split", "stats_split_stride", "grad_split_stride"}
     return {
         (i,): [["tt.divisibility", 16]]
         for i, name in enumerate(fn.arg_names)
