@@ -20,8 +20,8 @@ def _tanh(v):
 @triton.jit
 def _act(hp, ACT: tl.constexpr):
     # gelu_tanh: 0.5 h (1 + tanh(sqrt(2/pi) (h + 0.044715 h^3)))
-    if ACT == 0:
-        return tl.maximum(hp, 0.0)
+    if ACT == 0:  # NaN stays NaN, as in torch's relu: a diverging bank shows in its own telemetry
+        return tl.maximum(hp, 0.0, propagate_nan=tl.PropagateNan.ALL)
     else:
         t = _tanh((hp + 0.044715 * hp * hp * hp) * 0.7978845608028654)
         return 0.5 * hp * (1.0 + t)

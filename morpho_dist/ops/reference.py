@@ -122,13 +122,15 @@ def seeded_reference(
     incubator = training & ~is_linear
     reconstruct = training & is_linear
 
-    # Idle seeds' parameters never enter the math: a non-finite bank there must not reach dx (0 * nan).
-    amask = (training | blended).view(n, *([1] * (p0.dim() - 1)))
-    q0 = torch.where(amask, p0.to(cdt), torch.zeros((), dtype=cdt, device=p0.device))
-    q1 = torch.where(amask, p1.to(cdt), torch.zeros((), dtype=cdt, device=p1.device))
-    pmask = trainable.view(n, *([1] * (q0.dim() - 1)))
-    q0_live = torch.where(pmask, q0, q0.detach())
-    q1_live = torch.where(pmask, q1, q1.detach())
+    # A bank enters only the math of its own stage: a non-finite bank of an idle seed must not reach dx (0 * nan
+    # through torch.where's backward), nor that of a TRAINING seed (dx = dy there), so u_live sees blended banks only.
+    per_seed = lambda mask: mask.view(n, *([1] * (p0.dim() - 1)))  # noqa: E731
+    zero_p = torch.zeros((), dtype=cdt, device=p0.device)
+    q0 = torch.where(per_seed(training | blended), p0.to(cdt), zero_p)
+    q1 = torch.where(per_seed(training | blended), p1.to(cdt), zero_p)
+    pmask, bmask = per_seed(trainable), per_seed(blended)
+    q0_live = torch.where(bmask, torch.where(pmask, q0, q0.detach()), zero_p)
+    q1_live = torch.where(bmask, torch.where(pmask, q1, q1.detach()), zero_p)
     u_live = blueprint_output(kind, xc, q0_live, q1_live, act)  # blended seeds: grads to x (+ params if trainable)
     u_bar = blueprint_output(kind, xd, q0, q1, act)  # TRAINING seeds: on x̄, grads to params only
 

@@ -236,6 +236,32 @@ def test_nonfinite_idle_bank_does_not_leak(device, backend, kind):
         assert torch.equal(dirty[name], clean[name]), name
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("act", ["relu", "gelu_tanh"])
+def test_nonfinite_live_seed_stays_in_its_columns(device, backend, act):
+    """A diverging TRAINING seed (NaN bank) and an inf in a blended seed's input reach no other seed, and the
+    TRAINING seed's y and dx stay x and dy; the divergence shows in that seed's own telemetry."""
+    case = make_case((9,), 11, 16, kind="lowrank", rank=4, blend="additive", dtype=torch.float32, device=device, seed=8)
+    clean = run_op(case, kind="lowrank", act=act, backend=backend)
+    x, dy, stage, blend, alpha, p0, p1 = case
+    training = stage.tolist().index(int(Stage.TRAINING))
+    blended = next(i for i, s in enumerate(stage.tolist()) if Stage(s) in BLENDED_STAGES)
+    p0 = p0.clone()
+    p0[training] = float("nan")
+    x = x.clone()
+    x[3, blended * 16 + 5] = float("inf")
+    dirty = run_op((x, dy, stage, blend, alpha, p0, p1), kind="lowrank", act=act, backend=backend)
+    others = [i for i in range(11) if i not in (training, blended)]
+    cols = (torch.tensor([*others, training], device=device)[:, None] * 16 + torch.arange(16, device=device)).flatten()
+    for name in ("y", "dx"):
+        assert torch.equal(dirty[name][:, cols], clean[name][:, cols]), name
+    for name in ("dp0", "dp1", "tel"):
+        assert torch.equal(dirty[name][others], clean[name][others]), name
+    assert dirty["tel"][training, 7].isnan()  # delta_sq of the diverging seed
+    assert not torch.isfinite(dirty["y"][3, blended * 16 + 5])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="streams need a CUDA device")
 @pytest.mark.parametrize("deterministic", [False, True])
