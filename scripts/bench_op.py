@@ -183,7 +183,11 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="also print each call's kernels and host time")
     ap.add_argument("--autotune", action="store_true", help="kernel.autotune: pick the tiling per shape")
     ap.add_argument("--graph", action="store_true", help="also time the op replayed from a CUDA graph")
+    ap.add_argument("--mixes", default="dormant,third", help="comma-separated subset of dormant,third")
+    ap.add_argument("--no-eager", action="store_true", help="skip the eager reference (tiling sweeps)")
     args = ap.parse_args()
+    if not set(args.mixes.split(",")) <= {"dormant", "third"}:
+        ap.error(f"--mixes must be a comma-separated subset of dormant,third, got {args.mixes!r}")
     if not torch.cuda.is_available():
         sys.exit("bench_op.py needs a CUDA device")
     dev = torch.device("cuda")
@@ -204,7 +208,7 @@ def main() -> None:
     for name in args.workloads.split(","):
         t, n, c, kind, rank = WORKLOADS[name]
         torch._dynamo.reset()
-        for mix, dtype, mode in itertools.product(("dormant", "third"), dtypes, args.modes.split(",")):
+        for mix, dtype, mode in itertools.product(args.mixes.split(","), dtypes, args.modes.split(",")):
             label = f"{name} {mix} {row_dtype(dtype)} {mode}"
             grad = mode == "fwd+bwd"
             inputs = make_inputs(t, n, c, kind, rank, mix, dtype, dev, grad)
@@ -225,7 +229,8 @@ def main() -> None:
             t_copy_graph = graph_us(copy) if args.graph else float("nan")
             if args.profile:
                 profile_call(ours, label)
-            t_eager = bench(make_call(seeded_reference, inputs, kind, grad, dy, check_ids=False))
+            eager = make_call(seeded_reference, inputs, kind, grad, dy, check_ids=False)
+            t_eager = float("nan") if args.no_eager else bench(eager)
             t_comp = t_comp_graph = float("nan")
             if with_compile and (args.compile_on == "all" or any(
                 w == name and m in ("", mode) for w, _, m in (s.partition(":") for s in args.compile_on.split(","))
