@@ -125,12 +125,11 @@ def seeded_reference(
     # A bank enters only the math of its own stage: a non-finite bank of an idle seed must not reach dx (0 * nan
     # through torch.where's backward), nor that of a TRAINING seed (dx = dy there), so u_live sees blended banks only.
     per_seed = lambda mask: mask.view(n, *([1] * (p0.dim() - 1)))  # noqa: E731
-    zero_p = torch.zeros((), dtype=cdt, device=p0.device)
-    q0 = torch.where(per_seed(training | blended), p0.to(cdt), zero_p)
-    q1 = torch.where(per_seed(training | blended), p1.to(cdt), zero_p)
-    pmask, bmask = per_seed(trainable), per_seed(blended)
-    q0_live = torch.where(bmask, torch.where(pmask, q0, q0.detach()), zero_p)
-    q1_live = torch.where(bmask, torch.where(pmask, q1, q1.detach()), zero_p)
+    zero = torch.zeros((), dtype=cdt, device=x.device)  # every argument is on x's device (validated)
+    amask, pmask, bmask = per_seed(training | blended), per_seed(trainable), per_seed(blended)
+    q0, q1 = torch.where(amask, p0.to(cdt), zero), torch.where(amask, p1.to(cdt), zero)
+    q0_live = torch.where(bmask, torch.where(pmask, q0, q0.detach()), zero)
+    q1_live = torch.where(bmask, torch.where(pmask, q1, q1.detach()), zero)
     u_live = blueprint_output(kind, xc, q0_live, q1_live, act)  # blended seeds: grads to x (+ params if trainable)
     u_bar = blueprint_output(kind, xd, q0, q1, act)  # TRAINING seeds: on x̄, grads to params only
 
@@ -143,7 +142,6 @@ def seeded_reference(
     z_incubator = blend_values(xd, u_bar, one, bl).reshape(t, h)
     full = blend_values(xd, u_bar.detach(), one, bl) - xd  # blend(x, u, 1) - x
     active = (training | blended)[None, :, None]
-    zero = torch.zeros((), dtype=cdt, device=x.device)
     benefit_term = torch.where(active, full, zero)
 
     per_seed_rec = 0.5 * ((u_bar - xd) ** 2).mean((0, 2))
