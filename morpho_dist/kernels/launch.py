@@ -168,11 +168,16 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return torch.cuda.Stream(device)
 
 
+def _overlaps(device: torch.device, overlap: bool) -> bool:
+    """Whether the lowrank kernels get a side stream (kernel.overlap, on a CUDA device)."""
+    return overlap and device.type == "cuda"
+
+
 def _fork(device: torch.device, overlap: bool) -> torch.cuda.Stream | None:
     """A side stream that starts where the caller's stream is now (None: launch everything on the caller's).
     Every buffer is allocated before the fork, on the caller's stream, which `_join`s the side stream before
     anything reads them: the caching allocator then hands none of them out again before the side stream is done."""
-    if not (overlap and device.type == "cuda"):
+    if not _overlaps(device, overlap):
         return None
     side = _side_stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
@@ -230,13 +235,15 @@ def _forward(x2, stage, blend, alpha, p0, p1, telemetry, kind, act, dead_eps, op
     stats, stats_stride = _stats_buffer(plan, seeds, telemetry, x2, opts)
     det = opts.deterministic
     n_cols = cols.splits * cols.groups
-    overlap = low is not None and opts.overlap
-    # The column kernel zeroes the lowrank total (one launch fewer) where the lowrank kernel runs after it
+    overlap = low is not None and _overlaps(x2.device, opts.overlap)
+    # In a lowrank layer only the lowrank kernel adds to the total, so whoever runs before it zeroes it rather
+    # than a fill on the caller's stream: the column kernel where the lowrank kernel follows it, the side stream
+    # (before the lowrank kernel) where the two overlap. A fill ahead of the column kernel delays every output.
     zero_rec = low is not None and not (det or overlap)
     if det:  # a slot per program (programs of idle lowrank seeds leave theirs at zero)
         rec = torch.zeros(n_cols + (low.splits * low.groups if low else 0), device=x2.device)
     else:  # the kernels add into it
-        rec = torch.empty(1, device=x2.device) if zero_rec else torch.zeros(1, device=x2.device)
+        rec = torch.zeros(1, device=x2.device) if low is None else torch.empty(1, device=x2.device)
     common = dict(USE_ATOMICS=not det, HAS_STATS=has_stats, num_warps=opts.num_warps, num_stages=_NUM_STAGES)
     side = _fork(x2.device, overlap)
     _columns_fwd_kernel[(cols.splits, cols.groups)](
@@ -247,6 +254,8 @@ def _forward(x2, stage, blend, alpha, p0, p1, telemetry, kind, act, dead_eps, op
     )  # fmt: skip
     if low is not None:
         with _on(side):
+            if overlap and not det:
+                rec.zero_()
             _lowrank_fwd_kernel[(low.splits, low.groups)](
                 x2, y2, stage, blend, alpha, p0, p1, stats, rec[n_cols:] if det else rec,
                 rows, x2.shape[1], seeds, chunk, rank, low.rows_per_split, stats_stride, int(det), dead_eps,
@@ -283,13 +292,16 @@ def _backward(x2, dy2, drec, stage, blend, alpha, p0, p1, telemetry, kind, act, 
     det = opts.deterministic
     grad_splits = (low or cols).splits  # lowrank: only the lowrank kernels have parameter gradients
     lead = (grad_splits,) if det else ()
-    g0 = torch.zeros(*lead, *p0.shape, device=x2.device)
-    g1 = torch.zeros(*lead, *p1.shape, device=x2.device)
+    overlap = low is not None and _overlaps(x2.device, opts.overlap)
+    # With a side stream, the lowrank gradients are zeroed there, off the caller's stream (as rec is forward)
+    alloc = torch.empty if overlap else torch.zeros
+    g0 = alloc(*lead, *p0.shape, device=x2.device)
+    g1 = alloc(*lead, *p1.shape, device=x2.device)
     has_stats = telemetry is not None
     stats, stats_stride = _stats_buffer(plan, seeds, telemetry, x2, opts)
     grad_stride = p0.numel() if det else 0
     common = dict(USE_ATOMICS=not det, HAS_STATS=has_stats, num_warps=opts.bwd_num_warps, num_stages=_NUM_STAGES)
-    side = _fork(x2.device, low is not None and opts.overlap)
+    side = _fork(x2.device, overlap)
     _columns_bwd_kernel[(cols.splits, cols.groups)](
         x2, dy2, dx2, stage, blend, alpha, p0, p1, drec, g0, g1, stats,
         rows, x2.shape[1], seeds, chunk, cols.rows_per_split, stats_stride, grad_stride, 1.0 / (rows * chunk),
@@ -298,6 +310,9 @@ def _backward(x2, dy2, drec, stage, blend, alpha, p0, p1, telemetry, kind, act, 
     )  # fmt: skip
     if low is not None:
         with _on(side):
+            if overlap:
+                g0.zero_()
+                g1.zero_()
             _lowrank_bwd_kernel[(low.splits, low.groups)](
                 x2, dy2, dx2, stage, blend, alpha, p0, p1, drec, g0, g1, stats,
                 rows, x2.shape[1], seeds, chunk, rank, low.rows_per_split, stats_stride, grad_stride,
