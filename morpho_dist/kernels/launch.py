@@ -293,7 +293,7 @@ def _backward(x2, dy2, drec, stage, blend, alpha, p0, p1, telemetry, kind, act, 
     grad_splits = (low or cols).splits  # lowrank: only the lowrank kernels have parameter gradients
     lead = (grad_splits,) if det else ()
     overlap = low is not None and _overlaps(x2.device, opts.overlap)
-    # With a side stream, the lowrank gradients are zeroed there, off the caller's stream (as rec is forward)
+    # With a side stream, the lowrank gradients are zeroed there, off the caller's stream (as rec in the forward)
     alloc = torch.empty if overlap else torch.zeros
     g0 = alloc(*lead, *p0.shape, device=x2.device)
     g1 = alloc(*lead, *p1.shape, device=x2.device)
