@@ -352,6 +352,7 @@ def load(
             else:  # the other replicas add nothing to the sums; the max is idempotent
                 layer.telemetry.zero_()
                 layer.telemetry[:, F_ABSMAX] = tel[:, F_ABSMAX]
+        layer.refresh_idle_record()  # DCP wrote the stages in place: read them again
     meta = pickle.loads(sd["meta"])
     if controller is not None and meta.get("controller") is not None:
         controller.load_state_dict(meta["controller"])

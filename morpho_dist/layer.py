@@ -11,10 +11,11 @@ from morpho_dist.blueprints import BlueprintBank, check_act, check_kind
 from morpho_dist.grafting import BLEND_NAMES, NUM_BLENDS, blend_id
 from morpho_dist.kernels.layout import NUM_FIELDS
 from morpho_dist.kernels.options import KernelOptions
-from morpho_dist.lifecycle import STATE_FIELDS, IllegalTransition, SeedState, Stage, check_transition
+from morpho_dist.lifecycle import IDLE_STAGES, STATE_FIELDS, IllegalTransition, SeedState, Stage, check_transition
 from morpho_dist.ops import check_backend, seeded
 
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+_IDLE_IDS = frozenset(int(s) for s in IDLE_STAGES)
 
 
 def with_rec_losses(loss: torch.Tensor, layers: Iterable[SeededLayer], weight: float) -> torch.Tensor:
@@ -32,6 +33,13 @@ class SeededLayer(nn.Module):
     Buffers (all in the state_dict): the per-seed state fields of lifecycle.STATE_FIELDS and ``telemetry``
     [N, 8] fp32. Parameters: ``bank.p0``, ``bank.p1``. In training mode forward accumulates telemetry and
     leaves this call's reconstruction loss in ``rec_loss`` for the train loop to add to its loss.
+
+    Idle record: where the layer has read its stages on the host (construction, ``.to()``, its lifecycle
+    commands, ``refresh_idle_record``) and found every seed idle, it remembers that for the stage tensor at
+    that version. While no write has touched the tensor since (PyTorch bumps its version counter on every
+    in-place write: ``stage[i] = s``, ``copy_``, a checkpoint load) the forward promises the op ``all_idle``
+    and a lowrank layer skips its lowrank kernel; any write makes the record unknown, and the op then finds
+    the live seeds on the device as usual. No step reads the stages to keep the record.
     """
 
     def __init__(
@@ -76,6 +84,8 @@ class SeededLayer(nn.Module):
             self.register_buffer(name, tensor)
         self.register_buffer("telemetry", torch.zeros(num_seeds, NUM_FIELDS))
         self.rec_loss: torch.Tensor | None = None
+        self._idle_record: tuple[torch.Tensor, int] | None = None
+        self.refresh_idle_record()
 
     # ---- forward ---------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,8 +103,34 @@ class SeededLayer(nn.Module):
             backend=self.backend,
             options=self.kernel,
             check_ids=False,  # ids are validated where this module writes them
+            all_idle=self.known_idle(),
         )
         return y
+
+    # ---- idle record -----------------------------------------------------------------------------------------
+    def known_idle(self) -> bool:
+        """True when the idle record holds: every seed was idle when the stages were last read on the host, and
+        nothing has written the stage tensor since. False means not known (under torch.compile too)."""
+        if torch.compiler.is_compiling() or self._idle_record is None:
+            return False
+        tensor, version = self._idle_record
+        return tensor is self.stage and tensor._version == version
+
+    @torch.no_grad()
+    def refresh_idle_record(self) -> bool:
+        """Read the stages (one device->host copy) and record whether every seed is idle; returns that."""
+        stage = self.stage
+        # meta and inference tensors hold no values to read, or no version counter to watch
+        readable = stage.device.type != "meta" and not stage.is_inference()
+        idle = readable and all(s in _IDLE_IDS for s in stage.tolist())
+        self._idle_record = (stage, stage._version) if idle else None
+        return idle
+
+    def _apply(self, fn, recurse=True):
+        # .to(), .cuda(), to_empty() ... put a new tensor in place of stage: read it again (a setup-time copy)
+        out = super()._apply(fn, recurse)
+        self.refresh_idle_record()
+        return out
 
     # ---- state -----------------------------------------------------------------------------------------------
     def state(self) -> SeedState:
@@ -134,6 +170,7 @@ class SeededLayer(nn.Module):
         self.blend[i] = b
         self.germinated_at[i] = step
         self._enter(i, Stage.GERMINATED)
+        self.refresh_idle_record()
 
     @torch.no_grad()
     def apply_stage_changes(self, changes: Iterable[tuple[int, int]], step: int, command: str = "advance") -> None:
@@ -161,6 +198,7 @@ class SeededLayer(nn.Module):
                 raise IllegalTransition(f"seed {self.seed_offset + i}: use germinate() to enter GERMINATED")
         for i, dst in changes:
             self._enter(i, dst)
+        self.refresh_idle_record()
 
     def _enter(self, i: int, dst: Stage) -> None:
         self.stage[i] = int(dst)
@@ -194,6 +232,7 @@ class SeededLayer(nn.Module):
         ).to(self.telemetry.device)
         for key, value in self.state_dict().items():
             out.state_dict()[key].copy_(value[start : start + count])
+        out.refresh_idle_record()
         return out
 
     # ---- telemetry -------------------------------------------------------------------------------------------

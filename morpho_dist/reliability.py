@@ -88,6 +88,8 @@ class SeedGuard:
 
     @torch.no_grad()
     def _cull(self, layer: Any, key: str, bad: torch.Tensor, kind: torch.Tensor | int, step: int) -> None:
+        if layer.known_idle():  # no seed can be culled (CULLABLE stages are live), and writing would void the record
+            return
         bad = bad & torch.isin(layer.stage.long(), self.cullable)
         code = kind * 16 + layer.stage.to(torch.int32)
         self.culled[key].copy_(torch.where(bad & (self.culled[key] == 0), code, self.culled[key]))

@@ -302,6 +302,7 @@ def _controller_interval(
             optimizers.reset_seed(d.layer, local_index(layers[d.layer], d.seed))
     for layer in layers.values():
         schedule.on_interval(layer, report, host)
+        layer.refresh_idle_record()  # after the interval's culls and decisions (one small copy per layer)
     decisions = [*faults, *decisions]
     events = [d.to_event(step) for d in decisions]
     for e in events:

@@ -22,7 +22,7 @@ import triton
 from morpho_dist.grafting import Blend
 from morpho_dist.kernels import autotune
 from morpho_dist.kernels.options import KernelOptions
-from morpho_dist.lifecycle import Stage
+from morpho_dist.lifecycle import IDLE_STAGES, Stage
 from morpho_dist.ops import seeded, seeded_reference
 
 # name: (rows T, seeds N, chunk C, kind, rank)
@@ -55,6 +55,11 @@ def make_inputs(t, n, c, kind, rank, mix, dtype, device, requires_grad):
     p0, p1 = (p.to(device).requires_grad_(requires_grad) for p in (p0, p1))
     tel = torch.zeros(n, 8, device=device)
     return x.requires_grad_(requires_grad), stage.to(device), blend.to(device), alpha.to(device), p0, p1, tel
+
+
+def all_idle(stage: torch.Tensor) -> bool:
+    """What SeededLayer's idle record would promise the op for these stages (read on the host, off the clock)."""
+    return all(s in {int(i) for i in IDLE_STAGES} for s in stage.tolist())
 
 
 def make_copy(x: torch.Tensor, pairs: int):
@@ -185,6 +190,9 @@ def main() -> None:
     ap.add_argument("--graph", action="store_true", help="also time the op replayed from a CUDA graph")
     ap.add_argument("--mixes", default="dormant,third", help="comma-separated subset of dormant,third")
     ap.add_argument("--no-eager", action="store_true", help="skip the eager reference (tiling sweeps)")
+    ap.add_argument(
+        "--no-idle-hint", action="store_true", help="never pass all_idle (SeededLayer passes it for all-idle stages)"
+    )
     args = ap.parse_args()
     if not set(args.mixes.split(",")) <= {"dormant", "third"}:
         ap.error(f"--mixes must be a comma-separated subset of dormant,third, got {args.mixes!r}")
@@ -216,7 +224,9 @@ def main() -> None:
             nbytes = inputs[0].numel() * inputs[0].element_size() * (4 if grad else 2)
             copy = make_copy(inputs[0], 2 if grad else 1)
             t_copy = bench(copy)
-            ours = make_call(seeded, inputs, kind, grad, dy, backend="triton", options=opts, check_ids=False)
+            idle = all_idle(inputs[1]) and not args.no_idle_hint
+            triton_kw = dict(backend="triton", options=opts, check_ids=False, all_idle=idle)
+            ours = make_call(seeded, inputs, kind, grad, dy, **triton_kw)
             tuned_before = set(autotune.chosen_tilings())
             try:
                 t_ours = bench(ours)
@@ -249,7 +259,7 @@ def main() -> None:
                 "frac_of_copy": t_copy / t_ours, "speedup_eager": t_eager / t_ours, "speedup_compile": t_comp / t_ours,
                 "speedup_compile_graph": t_comp_graph / t_graph,
                 "host_us": t_host, "graph_us": t_graph, "copy_graph_us": t_copy_graph,
-                "graph_frac_of_copy": min(t_copy, t_copy_graph) / t_graph, "tiling": chosen,
+                "graph_frac_of_copy": min(t_copy, t_copy_graph) / t_graph, "tiling": chosen, "all_idle": idle,
             }  # fmt: skip
             rows.append(row)
             print(
@@ -257,7 +267,8 @@ def main() -> None:
                 f"copy {row['copy_GBps']:6.0f} GB/s  {100 * row['frac_of_copy']:5.1f}% of copy  "
                 f"x{row['speedup_eager']:6.1f} eager  x{row['speedup_compile']:6.2f} compile "
                 f"(graph x{row['speedup_compile_graph']:5.2f})  "
-                f"host {t_host:5.0f} us  graph {100 * row['graph_frac_of_copy']:5.1f}%  {chosen}",
+                f"host {t_host:5.0f} us  graph {100 * row['graph_frac_of_copy']:5.1f}%  {chosen}"
+                f"{'  all_idle' if idle else ''}",
                 flush=True,
             )
             with open(args.out, "w") as f:  # after every row: a run cut short keeps what it measured

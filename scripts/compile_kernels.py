@@ -69,11 +69,13 @@ def _resources(kernel) -> str:
 def variants(warps: list[int]):
     """(kernel, constexprs, dtype, num_warps) of every compiled variant."""
     common = [dict(USE_ATOMICS=not det, HAS_STATS=True) for det in (False, True)]
-    columns = [(False, 16, 16, 16, True), (False, 64, 4, 32, False), (True, 1, 256, 16, True), (True, 4, 16, 32, False)]
-    for (diag, cp, spp, bt, dense), c, dtype, w in itertools.product(columns, common, ["fp32", "bf16"], warps):
-        ce = dict(DIAGONAL=diag, BLOCK_T=bt, CP=cp, SPP=spp, DENSE=dense, **c)
+    # (DIAGONAL, CP, SPP, BLOCK_T, DENSE, ALL_IDLE)
+    columns = [(False, 16, 16, 16, True, False), (False, 64, 4, 32, False, False), (True, 1, 256, 16, True, False)]
+    columns += [(True, 4, 16, 32, False, False), (False, 16, 16, 16, True, True), (False, 1, 256, 16, True, True)]
+    for (diag, cp, spp, bt, dense, idle), c, dtype, w in itertools.product(columns, common, ["fp32", "bf16"], warps):
+        ce = dict(DIAGONAL=diag, ALL_IDLE=idle, BLOCK_T=bt, CP=cp, SPP=spp, DENSE=dense, **c)
         yield _columns_fwd_kernel, dict(ce, ZERO_REC=not diag), dtype, w
-        yield _columns_bwd_kernel, ce, dtype, w
+        yield _columns_bwd_kernel, dict(ce, ZERO_GRADS=idle and c["USE_ATOMICS"]), dtype, w
     lowrank = [(16, 64, True), (16, 128, True), (64, 32, False), (256, 16, False)]
     for (cp, bt, rank1), c, dtype, w in itertools.product(lowrank, common, ["fp32", "bf16"], warps):
         ce = dict(ACT=1, BLOCK_T=bt, CP=cp, RP=16, RANK=16, DOT_PRECISION="tf32", RANK1=rank1, **c)

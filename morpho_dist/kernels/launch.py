@@ -1,7 +1,9 @@
 """Launchers of the seeded kernels: tile planning, result buffers, deterministic reductions.
 
 A diagonal layer runs the column kernel alone; a lowrank layer runs the column kernel over its idle seeds and
-the lowrank kernel over its TRAINING and blended seeds (each leaves the other's columns untouched). On a CUDA
+the lowrank kernel over its TRAINING and blended seeds (each leaves the other's columns untouched). With
+all_idle (the caller's promise that no seed is TRAINING or blended) the column kernel alone covers every seed of
+either kind, with no seed math, and writes NaN into the columns of any seed that breaks the promise. On a CUDA
 device with kernel.overlap the lowrank kernel runs on a side stream that forks from the caller's stream and joins
 it again before the launcher returns, so the two kernels share the device: the memory-bound column kernel fills
 what the lowrank kernel, bound by its blueprint math, leaves of the bandwidth. Fork and join are stream events:
@@ -211,46 +213,52 @@ def _stats_buffer(plan: TilePlan, seeds: int, telemetry, x2, opts: KernelOptions
     return torch.zeros(splits, seeds, NUM_FIELDS, device=x2.device), seeds * NUM_FIELDS
 
 
-def _shape_key(kind, act, x2, stage, p0, telemetry) -> tuple:
-    return (kind, act, *x2.shape, stage.numel(), tuple(p0.shape), x2.dtype, p0.dtype, telemetry is not None)
+def _shape_key(kind, act, x2, stage, p0, telemetry, all_idle) -> tuple:
+    shapes = (*x2.shape, stage.numel(), tuple(p0.shape), x2.dtype, p0.dtype)
+    return (kind, act, *shapes, telemetry is not None, all_idle)
 
 
-def seeded_forward(x2, stage, blend, alpha, p0, p1, telemetry, *, kind, act, dead_eps, opts: KernelOptions):
+def seeded_forward(
+    x2, stage, blend, alpha, p0, p1, telemetry, *, kind, act, dead_eps, all_idle=False, opts: KernelOptions
+):
     if opts.autotune:
 
         def trials():  # made on a cache miss only: the trials write a scratch copy of the telemetry
             scratch = None if telemetry is None else telemetry.clone()
-            return lambda o: _forward(x2, stage, blend, alpha, p0, p1, scratch, kind, act, dead_eps, o)
+            return lambda o: _forward(x2, stage, blend, alpha, p0, p1, scratch, kind, act, dead_eps, all_idle, o)
 
-        key = _shape_key(kind, act, x2, stage, p0, telemetry)
-        opts = autotune.tuned("fwd", key, opts, x2.device, trials, lowrank=kind == "lowrank")
-    return _forward(x2, stage, blend, alpha, p0, p1, telemetry, kind, act, dead_eps, opts)
+        key = _shape_key(kind, act, x2, stage, p0, telemetry, all_idle)
+        lowrank = kind == "lowrank" and not all_idle
+        opts = autotune.tuned("fwd", key, opts, x2.device, trials, lowrank=lowrank)
+    return _forward(x2, stage, blend, alpha, p0, p1, telemetry, kind, act, dead_eps, all_idle, opts)
 
 
-def _forward(x2, stage, blend, alpha, p0, p1, telemetry, kind, act, dead_eps, opts: KernelOptions):
+def _forward(x2, stage, blend, alpha, p0, p1, telemetry, kind, act, dead_eps, all_idle, opts: KernelOptions):
     plan, rows, seeds, chunk, rank = _plan(kind, x2, stage, p0, opts, opts.num_warps)
-    cols, low = plan.columns, plan.lowrank
+    cols = plan.columns
+    low = None if all_idle else plan.lowrank  # the lowrank kernel, where it runs
+    diagonal_math = kind == "diagonal" and not all_idle
     y2 = torch.empty_like(x2)
     has_stats = telemetry is not None
     stats, stats_stride = _stats_buffer(plan, seeds, telemetry, x2, opts)
     det = opts.deterministic
     n_cols = cols.splits * cols.groups
     overlap = low is not None and _overlaps(x2.device, opts.overlap)
-    # In a lowrank layer only the lowrank kernel adds to the total, so whoever runs before it zeroes it rather
-    # than a fill on the caller's stream: the column kernel where the lowrank kernel follows it, the side stream
-    # (before the lowrank kernel) where the two overlap. A fill ahead of the column kernel delays every output.
-    zero_rec = low is not None and not (det or overlap)
+    # Only diagonal math and the lowrank kernel add to the total; elsewhere whoever runs first zeroes it rather
+    # than a fill on the caller's stream: the column kernel, or the side stream (before the lowrank kernel) where
+    # the two overlap. A fill ahead of the column kernel delays every output.
+    zero_rec = not (det or overlap or diagonal_math)
     if det:  # a slot per program (programs of idle lowrank seeds leave theirs at zero)
         rec = torch.zeros(n_cols + (low.splits * low.groups if low else 0), device=x2.device)
     else:  # the kernels add into it
-        rec = torch.zeros(1, device=x2.device) if low is None else torch.empty(1, device=x2.device)
+        rec = torch.zeros(1, device=x2.device) if diagonal_math else torch.empty(1, device=x2.device)
     common = dict(USE_ATOMICS=not det, HAS_STATS=has_stats, num_warps=opts.num_warps, num_stages=_NUM_STAGES)
     side = _fork(x2.device, overlap)
     _columns_fwd_kernel[(cols.splits, cols.groups)](
         x2, y2, stage, blend, alpha, p0, p1, stats, rec,
         rows, x2.shape[1], seeds, chunk, cols.rows_per_split, stats_stride, int(det), dead_eps, 0.5 / (rows * chunk),
-        DIAGONAL=kind == "diagonal", BLOCK_T=cols.block_t, CP=cols.chunk_tile, SPP=cols.seeds_per_prog,
-        DENSE=cols.dense, ZERO_REC=zero_rec, **common,
+        DIAGONAL=diagonal_math, ALL_IDLE=all_idle, BLOCK_T=cols.block_t, CP=cols.chunk_tile,
+        SPP=cols.seeds_per_prog, DENSE=cols.dense, ZERO_REC=zero_rec, **common,
     )  # fmt: skip
     if low is not None:
         with _on(side):
@@ -273,28 +281,34 @@ def _forward(x2, stage, blend, alpha, p0, p1, telemetry, kind, act, dead_eps, op
     return y2, rec.sum() if det else rec.view(())
 
 
-def seeded_backward(x2, dy2, drec, stage, blend, alpha, p0, p1, telemetry, *, kind, act, opts: KernelOptions):
+def seeded_backward(
+    x2, dy2, drec, stage, blend, alpha, p0, p1, telemetry, *, kind, act, all_idle=False, opts: KernelOptions
+):
     if opts.autotune:
 
         def trials():
             scratch = None if telemetry is None else telemetry.clone()
-            return lambda o: _backward(x2, dy2, drec, stage, blend, alpha, p0, p1, scratch, kind, act, o)
+            return lambda o: _backward(x2, dy2, drec, stage, blend, alpha, p0, p1, scratch, kind, act, all_idle, o)
 
-        key = _shape_key(kind, act, x2, stage, p0, telemetry)
-        opts = autotune.tuned("bwd", key, opts, x2.device, trials, lowrank=kind == "lowrank")
-    return _backward(x2, dy2, drec, stage, blend, alpha, p0, p1, telemetry, kind, act, opts)
+        key = _shape_key(kind, act, x2, stage, p0, telemetry, all_idle)
+        lowrank = kind == "lowrank" and not all_idle
+        opts = autotune.tuned("bwd", key, opts, x2.device, trials, lowrank=lowrank)
+    return _backward(x2, dy2, drec, stage, blend, alpha, p0, p1, telemetry, kind, act, all_idle, opts)
 
 
-def _backward(x2, dy2, drec, stage, blend, alpha, p0, p1, telemetry, kind, act, opts: KernelOptions):
+def _backward(x2, dy2, drec, stage, blend, alpha, p0, p1, telemetry, kind, act, all_idle, opts: KernelOptions):
     plan, rows, seeds, chunk, rank = _plan(kind, x2, stage, p0, opts, opts.bwd_num_warps)
-    cols, low = plan.columns, plan.lowrank
+    cols = plan.columns
+    low = None if all_idle else plan.lowrank
     dx2 = torch.empty_like(x2)
     det = opts.deterministic
     grad_splits = (low or cols).splits  # lowrank: only the lowrank kernels have parameter gradients
     lead = (grad_splits,) if det else ()
     overlap = low is not None and _overlaps(x2.device, opts.overlap)
-    # With a side stream, the lowrank gradients are zeroed there, off the caller's stream (as rec in the forward)
-    alloc = torch.empty if overlap else torch.zeros
+    # Off the caller's stream where they can be: with a side stream the lowrank gradients are zeroed there (as rec
+    # in the forward); with all_idle (atomics) the column kernel zeroes them, as nothing adds to them.
+    zero_grads = all_idle and not det
+    alloc = torch.empty if overlap or zero_grads else torch.zeros
     g0 = alloc(*lead, *p0.shape, device=x2.device)
     g1 = alloc(*lead, *p1.shape, device=x2.device)
     has_stats = telemetry is not None
@@ -305,8 +319,9 @@ def _backward(x2, dy2, drec, stage, blend, alpha, p0, p1, telemetry, kind, act, 
     _columns_bwd_kernel[(cols.splits, cols.groups)](
         x2, dy2, dx2, stage, blend, alpha, p0, p1, drec, g0, g1, stats,
         rows, x2.shape[1], seeds, chunk, cols.rows_per_split, stats_stride, grad_stride, 1.0 / (rows * chunk),
-        DIAGONAL=kind == "diagonal", BLOCK_T=cols.block_t, CP=cols.chunk_tile, SPP=cols.seeds_per_prog,
-        DENSE=cols.dense, **common,
+        p0.numel() // seeds,
+        DIAGONAL=kind == "diagonal" and not all_idle, ALL_IDLE=all_idle, BLOCK_T=cols.block_t,
+        CP=cols.chunk_tile, SPP=cols.seeds_per_prog, DENSE=cols.dense, ZERO_GRADS=zero_grads, **common,
     )  # fmt: skip
     if low is not None:
         with _on(side):

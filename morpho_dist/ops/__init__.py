@@ -51,6 +51,7 @@ def seeded(
     backend: str = "auto",
     options: KernelOptions | None = None,
     check_ids: bool = True,
+    all_idle: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Apply every seed of a layer to x[..., H] and gather telemetry; returns (y, rec_loss).
 
@@ -58,17 +59,25 @@ def seeded(
     is updated in place: forward fields now, grad_sq and benefit in the backward. ``options`` are the Triton
     launch options; ``check_ids=False`` skips reading stage/blend values (a host sync on GPU) for callers
     that already guarantee them.
+
+    ``all_idle=True`` is the caller's promise that no seed is TRAINING or blended (SeededLayer keeps the host
+    record that lets it promise so, morpho_dist.layer). The Triton path then launches the column kernel alone: a
+    lowrank layer skips its lowrank kernel and the side-stream fork. A promise that does not hold is not
+    silently wrong: the columns of the seeds that break it are NaN in y and dx, on both backends (the rest of
+    their telemetry and gradients is then unspecified).
     """
     if not isinstance(x, torch.Tensor):  # before x.device below: a ValueError naming x, like every other check
         raise ValueError(f"x must be a torch.Tensor, got {type(x).__name__}")
     chosen = resolve_backend(backend, x.device)
     if chosen == "reference":
         return seeded_reference(
-            x, stage, blend, alpha, p0, p1, telemetry, kind=kind, act=act, dead_eps=dead_eps, check_ids=check_ids
-        )
+            x, stage, blend, alpha, p0, p1, telemetry, kind=kind, act=act, dead_eps=dead_eps, check_ids=check_ids,
+            all_idle=all_idle,
+        )  # fmt: skip
     check_seeded_args(
-        x, stage, blend, alpha, p0, p1, telemetry, kind=kind, act=act, dead_eps=dead_eps, check_ids=check_ids
-    )
+        x, stage, blend, alpha, p0, p1, telemetry, kind=kind, act=act, dead_eps=dead_eps, check_ids=check_ids,
+        all_idle=all_idle,
+    )  # fmt: skip
     if x.numel() > MAX_KERNEL_ELEMENTS:  # the kernels index x in int32: a bigger x would wrap, silently
         raise ValueError(
             f"x has {x.numel()} elements; backend='triton' takes at most {MAX_KERNEL_ELEMENTS} (int32 indexing): "
@@ -87,5 +96,6 @@ def seeded(
         kind=kind,
         act=act,
         dead_eps=dead_eps,
+        all_idle=all_idle,
         opts=options or KernelOptions(),
     )

@@ -90,9 +90,11 @@ def seeded_reference(
     act: str = "relu",
     dead_eps: float = 1e-6,
     check_ids: bool = True,
+    all_idle: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Reference seeded op: returns (y, rec_loss) and updates ``telemetry`` in place (forward fields now,
-    grad_sq and benefit when y's gradient arrives)."""
+    grad_sq and benefit when y's gradient arrives). ``all_idle`` is the caller's promise that no seed is TRAINING
+    or blended (morpho_dist.ops.seeded): the columns of seeds that break it are NaN in y and in dx."""
     shp = check_seeded_args(
         x,
         stage,
@@ -106,6 +108,7 @@ def seeded_reference(
         dead_eps=dead_eps,
         allow_float64=True,
         check_ids=check_ids,
+        all_idle=all_idle,
     )
     t, h, n, c = shp.rows, shp.hidden, shp.seeds, shp.chunk
     cdt = torch.float64 if torch.float64 in (x.dtype, p0.dtype) else torch.float32
@@ -159,5 +162,9 @@ def seeded_reference(
             telemetry[:, F_ABSMAX] = torch.maximum(telemetry[:, F_ABSMAX], xd.abs().amax((0, 2)).float())
             telemetry[:, F_DELTA_SQ] += (delta * delta).sum((0, 2)).float()
 
+    if all_idle:  # a broken promise: y = x * NaN there, so that dx is NaN there too (and only there)
+        live_cols = cols(training | blended)
+        nan_there = torch.where(live_cols, float("nan"), 1.0).to(x2.dtype)
+        y = torch.where(live_cols, x2 * nan_there, y)
     y = _IncubatorTap.apply(y, z_incubator, cols(incubator), benefit_term, telemetry, n)
     return y.reshape(x.shape), rec_loss

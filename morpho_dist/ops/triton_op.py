@@ -32,26 +32,33 @@ def _with_telemetry(telemetry, fn):
     return out
 
 
-def _forward_impl(x, stage, blend, alpha, p0, p1, telemetry, kind, act, dead_eps, opts):
+def _forward_impl(x, stage, blend, alpha, p0, p1, telemetry, kind, act, dead_eps, all_idle, opts):
     hidden = x.shape[-1]
     state = _contiguous_state(stage, blend, alpha, p0, p1)
     y2, rec_loss = _with_telemetry(
         telemetry,
         lambda tel: launch.seeded_forward(
-            x.reshape(-1, hidden).contiguous(), *state, tel, kind=kind, act=act, dead_eps=dead_eps, opts=opts
-        ),
+            x.reshape(-1, hidden).contiguous(),
+            *state,
+            tel,
+            kind=kind,
+            act=act,
+            dead_eps=dead_eps,
+            all_idle=all_idle,
+            opts=opts,
+        ),  # fmt: skip
     )
     return y2.view(x.shape), rec_loss
 
 
-def _backward_impl(dy, drec, x, stage, blend, alpha, p0, p1, telemetry, kind, act, opts):
+def _backward_impl(dy, drec, x, stage, blend, alpha, p0, p1, telemetry, kind, act, all_idle, opts):
     hidden = x.shape[-1]
     x2, dy2 = x.reshape(-1, hidden).contiguous(), dy.reshape(-1, hidden).contiguous()
     stage, blend, alpha, p0, p1 = _contiguous_state(stage, blend, alpha, p0, p1)
     dx2, dp0, dp1 = _with_telemetry(
         telemetry,
         lambda tel: launch.seeded_backward(
-            x2, dy2, drec, stage, blend, alpha, p0, p1, tel, kind=kind, act=act, opts=opts
+            x2, dy2, drec, stage, blend, alpha, p0, p1, tel, kind=kind, act=act, all_idle=all_idle, opts=opts
         ),
     )
     return dx2.view(x.shape), dp0, dp1
@@ -60,7 +67,7 @@ def _backward_impl(dy, drec, x, stage, blend, alpha, p0, p1, telemetry, kind, ac
 @torch.library.custom_op("morpho_dist::seeded_fwd", mutates_args=("telemetry",))
 def seeded_fwd(
     x: Tensor, stage: Tensor, blend: Tensor, alpha: Tensor, p0: Tensor, p1: Tensor, telemetry: Tensor | None,
-    kind: str, act: str, dead_eps: float,
+    kind: str, act: str, dead_eps: float, all_idle: bool,
     block_rows: int, block_cols: int, num_warps: int, deterministic: bool, dot_precision: str, bwd_num_warps: int,
     autotune: bool, lowrank_rows: int, lowrank_warps: int, programs_per_sm: int, lowrank_math: str,
     overlap: bool,
@@ -69,7 +76,7 @@ def seeded_fwd(
         block_rows, block_cols, num_warps, deterministic, dot_precision, bwd_num_warps, autotune,
         lowrank_rows, lowrank_warps, programs_per_sm, lowrank_math, overlap,
     )  # fmt: skip
-    return _forward_impl(x, stage, blend, alpha, p0, p1, telemetry, kind, act, dead_eps, opts)
+    return _forward_impl(x, stage, blend, alpha, p0, p1, telemetry, kind, act, dead_eps, all_idle, opts)
 
 
 @seeded_fwd.register_fake
@@ -80,7 +87,7 @@ def _(x, stage, blend, alpha, p0, p1, telemetry, *args):
 @torch.library.custom_op("morpho_dist::seeded_bwd", mutates_args=("telemetry",))
 def seeded_bwd(
     dy: Tensor, drec: Tensor, x: Tensor, stage: Tensor, blend: Tensor, alpha: Tensor, p0: Tensor, p1: Tensor,
-    telemetry: Tensor | None, kind: str, act: str,
+    telemetry: Tensor | None, kind: str, act: str, all_idle: bool,
     block_rows: int, block_cols: int, num_warps: int, deterministic: bool, dot_precision: str, bwd_num_warps: int,
     autotune: bool, lowrank_rows: int, lowrank_warps: int, programs_per_sm: int, lowrank_math: str,
     overlap: bool,
@@ -89,7 +96,7 @@ def seeded_bwd(
         block_rows, block_cols, num_warps, deterministic, dot_precision, bwd_num_warps, autotune,
         lowrank_rows, lowrank_warps, programs_per_sm, lowrank_math, overlap,
     )  # fmt: skip
-    return _backward_impl(dy, drec, x, stage, blend, alpha, p0, p1, telemetry, kind, act, opts)
+    return _backward_impl(dy, drec, x, stage, blend, alpha, p0, p1, telemetry, kind, act, all_idle, opts)
 
 
 @seeded_bwd.register_fake
@@ -105,17 +112,16 @@ def _static(opts: KernelOptions) -> tuple:
 
 class _SeededFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, stage, blend, alpha, p0, p1, telemetry, kind, act, dead_eps, opts: KernelOptions):
+    def forward(ctx, x, stage, blend, alpha, p0, p1, telemetry, kind, act, dead_eps, all_idle, opts: KernelOptions):
+        args = (x, stage, blend, alpha, p0, p1, telemetry, kind, act, dead_eps, all_idle)
         if torch.compiler.is_compiling():
-            y, rec_loss = torch.ops.morpho_dist.seeded_fwd(
-                x, stage, blend, alpha, p0, p1, telemetry, kind, act, dead_eps, *_static(opts)
-            )
+            y, rec_loss = torch.ops.morpho_dist.seeded_fwd(*args, *_static(opts))
         else:
-            y, rec_loss = _forward_impl(x, stage, blend, alpha, p0, p1, telemetry, kind, act, dead_eps, opts)
+            y, rec_loss = _forward_impl(*args, opts)
         ctx.save_for_backward(x, stage, blend, alpha, p0, p1)
         # Later calls update telemetry in place, so it stays off the saved-tensor version check.
         ctx.telemetry = telemetry
-        ctx.kind, ctx.act, ctx.opts = kind, act, opts
+        ctx.kind, ctx.act, ctx.all_idle, ctx.opts = kind, act, all_idle, opts
         return y, rec_loss
 
     @staticmethod
@@ -124,13 +130,15 @@ class _SeededFunction(torch.autograd.Function):
         if dy is None:
             dy = torch.zeros_like(x)
         drec = torch.zeros((), device=x.device) if drec is None else drec.float()
-        args = (dy, drec, x, stage, blend, alpha, p0, p1, ctx.telemetry, ctx.kind, ctx.act)
+        args = (dy, drec, x, stage, blend, alpha, p0, p1, ctx.telemetry, ctx.kind, ctx.act, ctx.all_idle)
         if torch.compiler.is_compiling():
             dx, dp0, dp1 = torch.ops.morpho_dist.seeded_bwd(*args, *_static(ctx.opts))
         else:
             dx, dp0, dp1 = _backward_impl(*args, ctx.opts)
-        return dx, None, None, None, dp0, dp1, None, None, None, None, None
+        return dx, None, None, None, dp0, dp1, None, None, None, None, None, None
 
 
-def seeded_triton(x, stage, blend, alpha, p0, p1, telemetry, *, kind, act, dead_eps, opts: KernelOptions):
-    return _SeededFunction.apply(x, stage, blend, alpha, p0, p1, telemetry, kind, act, float(dead_eps), opts)
+def seeded_triton(x, stage, blend, alpha, p0, p1, telemetry, *, kind, act, dead_eps, all_idle, opts: KernelOptions):
+    return _SeededFunction.apply(
+        x, stage, blend, alpha, p0, p1, telemetry, kind, act, float(dead_eps), bool(all_idle), opts
+    )

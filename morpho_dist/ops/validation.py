@@ -47,6 +47,7 @@ def check_seeded_args(
     dead_eps: float,
     allow_float64: bool = False,
     check_ids: bool = True,
+    all_idle: bool = False,
 ) -> SeededShape:
     """Validate everything about a seeded-op call; raise ValueError naming the argument and allowed values.
 
@@ -120,6 +121,8 @@ def check_seeded_args(
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}; all arguments must share x's device")
     if not (dead_eps >= 0.0):
         raise ValueError(f"dead_eps must be >= 0, got {dead_eps}")
+    if not isinstance(all_idle, bool):
+        raise ValueError(f"all_idle must be a bool (True or False), got {all_idle!r}")
     if check_ids:
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             # Reading the ids is a host sync, which would invalidate the capture with CUDA's own, opaque error.

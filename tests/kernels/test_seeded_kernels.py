@@ -77,13 +77,14 @@ def make_case(lead, n, c, *, kind, rank, blend, dtype, device, seed=0):
     return to(x), to(dy), to(stage), to(blend_ids), to(alpha), to(p0), to(p1)
 
 
-def run_op(case, *, kind, act, backend, options=None, rec_weight=0.7):
+def run_op(case, *, kind, act, backend, options=None, rec_weight=0.7, all_idle=False):
     x, dy, stage, blend, alpha, p0, p1 = case
     x = x.clone().requires_grad_()
     p0 = p0.clone().requires_grad_()
     p1 = p1.clone().requires_grad_()
     tel = torch.zeros(stage.numel(), len(TELEMETRY_FIELDS), device=x.device)
-    y, rec = seeded(x, stage, blend, alpha, p0, p1, tel, kind=kind, act=act, backend=backend, options=options)
+    op = dict(kind=kind, act=act, backend=backend, options=options, all_idle=all_idle)
+    y, rec = seeded(x, stage, blend, alpha, p0, p1, tel, **op)
     (torch.sum(y.float() * dy.float()) + rec_weight * rec).backward()
     return {"y": y.detach(), "rec_loss": rec.detach(), "dx": x.grad, "dp0": p0.grad, "dp1": p1.grad, "tel": tel}
 
