@@ -11,11 +11,10 @@ from morpho_dist.blueprints import BlueprintBank, check_act, check_kind
 from morpho_dist.grafting import BLEND_NAMES, NUM_BLENDS, blend_id
 from morpho_dist.kernels.layout import NUM_FIELDS
 from morpho_dist.kernels.options import KernelOptions
-from morpho_dist.lifecycle import IDLE_STAGES, STATE_FIELDS, IllegalTransition, SeedState, Stage, check_transition
+from morpho_dist.lifecycle import STATE_FIELDS, IllegalTransition, SeedState, Stage, all_idle, check_transition
 from morpho_dist.ops import check_backend, seeded
 
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
-_IDLE_IDS = frozenset(int(s) for s in IDLE_STAGES)
 
 
 def with_rec_losses(loss: torch.Tensor, layers: Iterable[SeededLayer], weight: float) -> torch.Tensor:
@@ -122,8 +121,12 @@ class SeededLayer(nn.Module):
         stage = self.stage
         # meta and inference tensors hold no values to read, or no version counter to watch
         readable = stage.device.type != "meta" and not stage.is_inference()
-        idle = readable and all(s in _IDLE_IDS for s in stage.tolist())
-        self._idle_record = (stage, stage._version) if idle else None
+        return self._record_stages(stage.tolist() if readable else None)
+
+    def _record_stages(self, stages: list[int] | None) -> bool:
+        """Record ``stages``, the host copy of the stage tensor as it is now (None: not known)."""
+        idle = stages is not None and all_idle(stages)
+        self._idle_record = (self.stage, self.stage._version) if idle else None
         return idle
 
     def _apply(self, fn, recurse=True):
@@ -198,7 +201,8 @@ class SeededLayer(nn.Module):
                 raise IllegalTransition(f"seed {self.seed_offset + i}: use germinate() to enter GERMINATED")
         for i, dst in changes:
             self._enter(i, dst)
-        self.refresh_idle_record()
+            current[i] = int(dst)
+        self._record_stages(current)  # the batch's host copy, now up to date: no second read
 
     def _enter(self, i: int, dst: Stage) -> None:
         self.stage[i] = int(dst)

@@ -66,6 +66,11 @@ class IllegalTransition(ValueError):
     """A lifecycle command that the transition table (or an embargo) does not allow."""
 
 
+def all_idle(stage_ids: Iterable[int]) -> bool:
+    """Whether every id is an IDLE_STAGES stage (an id outside Stage counts as not idle)."""
+    return all(s in IDLE_STAGES for s in stage_ids)  # IntEnum members hash and compare as their ints
+
+
 def count_stages(stage_ids: Iterable[int]) -> dict[str, int]:
     """Stage name -> number of seeds in it, every stage listed (zeros included)."""
     counts = {s.name: 0 for s in Stage}

@@ -22,7 +22,7 @@ import triton
 from morpho_dist.grafting import Blend
 from morpho_dist.kernels import autotune
 from morpho_dist.kernels.options import KernelOptions
-from morpho_dist.lifecycle import IDLE_STAGES, Stage
+from morpho_dist.lifecycle import Stage, all_idle
 from morpho_dist.ops import seeded, seeded_reference
 
 # name: (rows T, seeds N, chunk C, kind, rank)
@@ -55,11 +55,6 @@ def make_inputs(t, n, c, kind, rank, mix, dtype, device, requires_grad):
     p0, p1 = (p.to(device).requires_grad_(requires_grad) for p in (p0, p1))
     tel = torch.zeros(n, 8, device=device)
     return x.requires_grad_(requires_grad), stage.to(device), blend.to(device), alpha.to(device), p0, p1, tel
-
-
-def all_idle(stage: torch.Tensor) -> bool:
-    """What SeededLayer's idle record would promise the op for these stages (read on the host, off the clock)."""
-    return all(s in {int(i) for i in IDLE_STAGES} for s in stage.tolist())
 
 
 def make_copy(x: torch.Tensor, pairs: int):
@@ -224,7 +219,8 @@ def main() -> None:
             nbytes = inputs[0].numel() * inputs[0].element_size() * (4 if grad else 2)
             copy = make_copy(inputs[0], 2 if grad else 1)
             t_copy = bench(copy)
-            idle = all_idle(inputs[1]) and not args.no_idle_hint
+            # what SeededLayer's idle record would promise the op for these stages (read off the clock)
+            idle = all_idle(inputs[1].tolist()) and not args.no_idle_hint
             triton_kw = dict(backend="triton", options=opts, check_ids=False, all_idle=idle)
             ours = make_call(seeded, inputs, kind, grad, dy, **triton_kw)
             tuned_before = set(autotune.chosen_tilings())

@@ -83,13 +83,12 @@ def _tile_columns(
 
 @triton.jit
 def _nan_live_columns(
-    out_ptr, stage_ptr, blend_ptr, alpha_ptr, group, row_lo, rows_per_split, T, H, N, C,
+    out_ptr, stage_ptr, blend_ptr, alpha_ptr, group, row_lo, rows_per_split, T, H, N, C, any_live,
     BLOCK_T: tl.constexpr, CP: tl.constexpr, SPP: tl.constexpr, DENSE: tl.constexpr,
 ):  # fmt: skip
-    """ALL_IDLE: NaN in the program's rows of the columns of its seeds that are TRAINING or blended after all."""
-    seeds = group * SPP + tl.arange(0, SPP)
-    _s_bl, s_training, s_blended, _s_tr, _s_rec, _s_a = _seed_flags(stage_ptr, blend_ptr, alpha_ptr, seeds, N)
-    if tl.max(((s_training | s_blended) & (seeds < N)).to(tl.int32), axis=0) > 0:
+    """ALL_IDLE: NaN in the program's rows of the columns of its seeds that are TRAINING or blended after all
+    (any_live: _program_seeds' any_math, which under ALL_IDLE covers every seed of the program)."""
+    if any_live:
         tl.debug_barrier()  # after the loops' stores of the same elements
         offs_t = tl.arange(0, BLOCK_T)
         nan = tl.full([BLOCK_T, SPP * CP], float("nan"), out_ptr.dtype.element_ty)
@@ -181,8 +180,9 @@ def _columns_fwd_kernel(
                 tl.store(y_ptr + offs, out, mask=m)
     if ALL_IDLE:
         _nan_live_columns(
-            y_ptr, stage_ptr, blend_ptr, alpha_ptr, group, row_lo, rows_per_split, T, H, N, C, BLOCK_T, CP, SPP, DENSE
-        )
+            y_ptr, stage_ptr, blend_ptr, alpha_ptr, group, row_lo, rows_per_split, T, H, N, C, any_math,
+            BLOCK_T, CP, SPP, DENSE,
+        )  # fmt: skip
     delta = _per_seed(acc_delta, SPP, CP, False)
     rec_part = tl.sum(tl.where(s_reconstruct & s_own, delta, 0.0), axis=0) * rec_scale
     rec_slot = rec_ptr + (split * tl.num_programs(1) + group) * rec_prog_stride
@@ -268,8 +268,9 @@ def _columns_bwd_kernel(
                         tl.store(db_ptr + split * grad_split_stride + feats, acc_db, mask=gmask)
     if ALL_IDLE:
         _nan_live_columns(
-            dx_ptr, stage_ptr, blend_ptr, alpha_ptr, group, row_lo, rows_per_split, T, H, N, C, BLOCK_T, CP, SPP, DENSE
-        )
+            dx_ptr, stage_ptr, blend_ptr, alpha_ptr, group, row_lo, rows_per_split, T, H, N, C, any_math,
+            BLOCK_T, CP, SPP, DENSE,
+        )  # fmt: skip
     if ZERO_GRADS:  # noqa: SIM102  no kernel adds to them: the first split zeroes its seeds' slices (no fills)
         if split == 0:
             lo = group * SPP * grad_seed_elems
