@@ -1,5 +1,6 @@
 """scripts/bench_access.py's copies move exactly the bytes they stand for (Triton interpreter or GPU): the
-blended pattern every third seed's columns, the idle pattern the rest, the one-kernel variant all of them."""
+blended pattern every third seed's columns (in either grid order), the idle pattern the rest (with or without
+dense loads), the one-kernel variant all of them."""
 
 import os
 import sys
@@ -27,7 +28,9 @@ def test_access_copies_touch_exactly_their_columns(rows, seeds, chunk, dtype):
     opts = KernelOptions()
     for copy, want in (
         (lambda y: copy_blended(x, y, seeds, opts), blended),
+        (lambda y: copy_blended(x, y, seeds, opts, seed_major=True), blended),
         (lambda y: copy_idle(x, y, seeds, opts), ~blended),
+        (lambda y: copy_idle(x, y, seeds, opts, dense_loads=True), ~blended),
         (lambda y: copy_idle(x, y, seeds, opts, one_kernel=True, seed_rows=16), torch.ones_like(blended)),
     ):
         y = torch.full_like(x, float("nan"))
