@@ -12,7 +12,7 @@ import hashlib
 import torch
 from torch import nn
 
-from morpho_dist.grafting import Blend
+from morpho_dist.blends import Blend
 
 KINDS = ("lowrank", "diagonal")
 ACTIVATIONS = ("relu", "gelu_tanh")

@@ -15,12 +15,11 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from morpho_dist.config import ConfigError, register_configs, validate
+from morpho_dist.config import register_configs, validate
+from morpho_dist.errors import EXIT_CONFIG, EXIT_FAULT, ConfigError
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 RUN_DIR_ENV = "MORPHO_RUN_DIR"
-EXIT_CONFIG = 2
-EXIT_FAULT = 3  # desynchronised ranks, a divergence that cannot be rolled back, a bad or unsaveable checkpoint
 
 register_configs()
 

@@ -15,12 +15,10 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from morpho_dist.grafting import BLEND_NAMES, SCHEDULES, ScheduleConfig
+from morpho_dist.blends import BLEND_NAMES
+from morpho_dist.errors import ConfigError
 from morpho_dist.kernels.options import DOT_PRECISIONS, LOWRANK_MATHS, KernelOptions
-
-
-class ConfigError(ValueError):
-    """A bad config value; the message is one line and names the key."""
+from morpho_dist.schedules import SCHEDULES, ScheduleConfig
 
 
 # ---- groups ----------------------------------------------------------------------------------------------------

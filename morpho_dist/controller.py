@@ -42,14 +42,15 @@ from morpho_dist.lifecycle import ACTIVE_STAGES, IllegalTransition, Stage, check
 from morpho_dist.telemetry import HealthReport, SeedReport, global_num_seeds
 
 if TYPE_CHECKING:
-    from morpho_dist.grafting import AlphaSchedule
     from morpho_dist.layer import SeededLayer
+    from morpho_dist.schedules import AlphaSchedule
 
 
 @dataclass
 class ControllerConfig:
-    """Controller knobs (the Hydra ``controller`` group). Defaults: short dwell times, so that a narrow MLP on
-    sklearn digits fossilizes a seed within a few hundred steps."""
+    """Controller knobs (the Hydra ``controller`` group). These defaults are the app's (conf/controller/default.yaml
+    repeats them; tests/unit/test_config_defaults.py keeps the two equal). Short runs need shorter dwell times
+    (``fine_tuning_steps``, ``min_training_steps``, ``stabilization_steps``)."""
 
     interval: int = 10  # steps between controller decisions
     max_active: int = 2  # budget of concurrently active seeds (GERMINATED..FINE_TUNING), all layers together
@@ -59,14 +60,14 @@ class ControllerConfig:
     dead_frac_threshold: float = 0.5
     patience_k: int = 2  # consecutive useful intervals before TRAINING -> GRAFTING
     benefit_threshold: float = 0.0  # useful: benefit < -benefit_threshold
-    rec_rel_threshold: float = 0.3  # linear seeds: useful when delta_rms / rms < this
+    rec_rel_threshold: float = 0.1  # linear seeds: useful when delta_rms / rms < this
     min_training_steps: int = 20
     max_training_steps: int = 200
     alpha_done: float = 0.999
     max_grafting_steps: int = 500
     stabilization_steps: int = 10
     evaluate_threshold: float = 0.0  # EVALUATING -> FINE_TUNING when loss(0) - loss(alpha) > this
-    fine_tuning_steps: int = 20
+    fine_tuning_steps: int = 600
     fossilize_threshold: float = 0.0  # FINE_TUNING -> FOSSILIZED when loss(0) - loss(alpha) > this
     embargo_steps: int = 100
 

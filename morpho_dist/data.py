@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from morpho_dist.config import ConfigError
+from morpho_dist.errors import ConfigError
 
 CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR_TEST = "test_batch"

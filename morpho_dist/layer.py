@@ -7,8 +7,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from morpho_dist.blends import BLEND_NAMES, NUM_BLENDS, blend_id
 from morpho_dist.blueprints import BlueprintBank, check_act, check_kind
-from morpho_dist.grafting import BLEND_NAMES, NUM_BLENDS, blend_id
 from morpho_dist.kernels.layout import NUM_FIELDS
 from morpho_dist.kernels.options import KernelOptions
 from morpho_dist.lifecycle import STATE_FIELDS, IllegalTransition, SeedState, Stage, all_idle, check_transition

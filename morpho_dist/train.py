@@ -41,7 +41,6 @@ from morpho_dist.distributed import (
     shared_run_dir,
     wrap_ddp,
 )
-from morpho_dist.grafting import HostSignals, make_schedule
 from morpho_dist.kernels.options import KernelOptions
 from morpho_dist.layer import with_rec_losses
 from morpho_dist.lifecycle import Stage
@@ -58,6 +57,7 @@ from morpho_dist.reliability import (
     mark_rolled_back,
     maybe_kill,
 )
+from morpho_dist.schedules import HostSignals, make_schedule
 from morpho_dist.sharding import host_square_sums, named_host_parameters, shard_model, snapshot_host
 from morpho_dist.summary import build_summary, gather_ranks, global_stages, stage_counts
 from morpho_dist.telemetry import build_report

@@ -19,7 +19,7 @@ import time
 import torch
 import triton
 
-from morpho_dist.grafting import Blend
+from morpho_dist.blends import Blend
 from morpho_dist.kernels import autotune
 from morpho_dist.kernels.options import KernelOptions
 from morpho_dist.lifecycle import Stage, all_idle

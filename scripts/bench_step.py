@@ -46,13 +46,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from morpho_dist.blends import NUM_BLENDS
 from morpho_dist.commands import advance, germinate, tick_
-from morpho_dist.grafting import NUM_BLENDS, make_schedule
 from morpho_dist.kernels.options import KernelOptions
 from morpho_dist.layer import with_rec_losses
 from morpho_dist.lifecycle import Stage, count_stages
 from morpho_dist.optim import host_parameters, make_optimizers
 from morpho_dist.reliability import SeedGuard
+from morpho_dist.schedules import make_schedule
 from morpho_dist.wrap import seeded_layers, wrap
 
 VARIANTS = ("baseline", "dormant", "third")

@@ -12,7 +12,7 @@ import argparse
 import torch
 from torch import nn
 
-from morpho_dist.grafting import BLEND_NAMES
+from morpho_dist.blends import BLEND_NAMES
 from morpho_dist.kernels.layout import F_COUNT, TELEMETRY_FIELDS
 from morpho_dist.layer import SeededLayer
 from morpho_dist.lifecycle import Stage

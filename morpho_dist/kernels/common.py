@@ -1,6 +1,6 @@
 """Element-wise math shared by the seeded kernels: activations, blends and their derivatives.
 
-Stage and blend ids are the ones of morpho_dist.lifecycle.Stage and morpho_dist.grafting.Blend.
+Stage and blend ids are the ones of morpho_dist.lifecycle.Stage and morpho_dist.blends.Blend.
 """
 
 import triton

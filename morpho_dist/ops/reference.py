@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from morpho_dist.grafting import Blend
+from morpho_dist.blends import Blend
 from morpho_dist.kernels.layout import (
     BLENDED_HI,
     BLENDED_LO,

@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from morpho_dist import commands
-from morpho_dist.grafting import ScheduleConfig, make_schedule
 from morpho_dist.lifecycle import Stage
+from morpho_dist.schedules import ScheduleConfig, make_schedule
 from morpho_dist.wrap import export, seeded_layers, wrap
 
 

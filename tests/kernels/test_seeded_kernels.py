@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from morpho_dist.grafting import Blend
+from morpho_dist.blends import Blend
 from morpho_dist.kernels.layout import TELEMETRY_FIELDS
 from morpho_dist.kernels.options import KernelOptions
 from morpho_dist.lifecycle import BLENDED_STAGES, Stage

@@ -24,9 +24,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from morpho_dist import commands
+from morpho_dist.blends import BLEND_NAMES, NUM_BLENDS, blend_id
 from morpho_dist.blueprints import initial_params
 from morpho_dist.commands import COMMANDS, NEXT_STAGE
-from morpho_dist.grafting import BLEND_NAMES, NUM_BLENDS, blend_id
 from morpho_dist.layer import SeededLayer
 from morpho_dist.lifecycle import LEGAL_TRANSITIONS, NUM_STAGES, STATE_FIELDS, IllegalTransition, Stage
 

@@ -7,13 +7,13 @@ import sys
 import pytest
 import torch
 
+from morpho_dist.blends import Blend, blend_id
 from morpho_dist.blueprints import (
     BlueprintBank,
     init_generator_seed,
     initial_params,
     param_shapes,
 )
-from morpho_dist.grafting import Blend, blend_id
 from morpho_dist.layer import SeededLayer
 from morpho_dist.lifecycle import Stage
 from morpho_dist.ops.reference import blueprint_output

@@ -22,9 +22,9 @@ from morpho_dist.controller import (
     measure_counterfactuals,
     verify_same_decisions,
 )
-from morpho_dist.grafting import HostSignals, ScheduleConfig, make_schedule
 from morpho_dist.layer import SeededLayer
 from morpho_dist.lifecycle import IllegalTransition, Stage
+from morpho_dist.schedules import HostSignals, ScheduleConfig, make_schedule
 from morpho_dist.telemetry import HealthReport, SeedReport, build_report
 
 

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from morpho_dist.blends import Blend
 from morpho_dist.blueprints import init_generator_seed
-from morpho_dist.grafting import Blend
 from morpho_dist.layer import SeededLayer
 from morpho_dist.lifecycle import (
     LEGAL_TRANSITIONS,

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 
-from morpho_dist.grafting import Blend
+from morpho_dist.blends import Blend
 from morpho_dist.kernels.layout import (
     F_ABSMAX,
     F_BENEFIT,

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from morpho_dist.commands import tick_
-from morpho_dist.grafting import HostSignals, ScheduleConfig, make_schedule
 from morpho_dist.layer import SeededLayer
 from morpho_dist.lifecycle import Stage
+from morpho_dist.schedules import HostSignals, ScheduleConfig, make_schedule
 from morpho_dist.telemetry import HealthReport, SeedReport
 
 STAGES = [Stage.GRAFTING, Stage.TRAINING, Stage.STABILIZATION, Stage.GRAFTING]

@@ -1,8 +1,11 @@
-"""Grafting: blend strategies (their ids are the kernel's math ids) and alpha schedules."""
+"""Alpha schedules (the Hydra ``schedule`` group): how the alpha of GRAFTING seeds moves from 0 to 1.
+
+Every step ``step_`` moves the alpha of GRAFTING seeds on the layer's device (tensor ops only, no host sync);
+at controller intervals ``on_interval`` sets per-seed ``alpha_rate`` from the health report and host signals.
+"""
 
 from __future__ import annotations
 
-import enum
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -16,30 +19,6 @@ if TYPE_CHECKING:
     from morpho_dist.telemetry import HealthReport, SeedReport
 
 
-class Blend(enum.IntEnum):
-    """blend(x, u, alpha) per seed; ids are stable and read by the kernels."""
-
-    ADDITIVE = 0  # x + alpha * u
-    MULTIPLICATIVE = 1  # x * (1 + alpha * tanh(u))
-    LINEAR = 2  # (1 - alpha) * x + alpha * u
-
-
-NUM_BLENDS = len(Blend)
-BLEND_NAMES = tuple(b.name.lower() for b in Blend)
-
-
-def blend_id(name: str) -> int:
-    """Map a config name ('additive', 'multiplicative', 'linear') to its kernel id."""
-    try:
-        return int(Blend[name.upper()])
-    except KeyError:
-        raise ValueError(f"grafting blend {name!r} is not known; allowed values: {list(BLEND_NAMES)}") from None
-
-
-# ---- alpha schedules -------------------------------------------------------------------------------------------
-# Every step ``step_`` moves the alpha of GRAFTING seeds on the layer's device (tensor ops only, no host sync);
-# at controller intervals ``on_interval`` sets per-seed ``alpha_rate`` from the health report and host signals.
-
 SCHEDULES = ("fixed_ramp", "performance_linked", "drift_controlled", "grad_norm_gated")
 RAMP_SHAPES = ("linear", "cosine")
 
@@ -49,7 +28,7 @@ class ScheduleConfig:
     """The Hydra ``schedule`` group (one schema for every schedule; each reads the keys it needs)."""
 
     name: str = "fixed_ramp"
-    ramp_steps: int = 30  # steps from alpha 0 to 1 at the base rate
+    ramp_steps: int = 50  # steps from alpha 0 to 1 at the base rate
     shape: str = "linear"  # fixed_ramp only: linear | cosine
     min_factor: float = 0.0  # performance_linked: rate factor clamp (0 pauses a seed whose benefit is >= 0)
     max_factor: float = 2.0
@@ -66,9 +45,13 @@ class HostSignals:
     grad_norm: float = 0.0  # host gradient norm (after the data-parallel reduction)
 
 
-def _cfg(cfg: Any, name: str, default: Any) -> Any:
-    value = getattr(cfg, name, default) if cfg is not None else default
-    return default if value is None else value
+_DEFAULTS = ScheduleConfig()
+
+
+def _cfg(cfg: Any, name: str) -> Any:
+    """``cfg.name``, or ScheduleConfig's default (the one source of defaults) when cfg lacks it or holds None."""
+    value = getattr(cfg, name, None) if cfg is not None else None
+    return getattr(_DEFAULTS, name) if value is None else value
 
 
 class AlphaSchedule:
@@ -77,7 +60,7 @@ class AlphaSchedule:
     name = "fixed_ramp"
 
     def __init__(self, cfg: Any = None) -> None:
-        self.ramp_steps = int(_cfg(cfg, "ramp_steps", 30))
+        self.ramp_steps = int(_cfg(cfg, "ramp_steps"))
         if self.ramp_steps < 1:
             raise ValueError(f"schedule.ramp_steps must be >= 1, got {self.ramp_steps}")
 
@@ -123,7 +106,7 @@ class FixedRamp(AlphaSchedule):
 
     def __init__(self, cfg: Any = None) -> None:
         super().__init__(cfg)
-        self.shape = str(_cfg(cfg, "shape", "linear"))
+        self.shape = str(_cfg(cfg, "shape"))
         if self.shape not in RAMP_SHAPES:
             raise ValueError(f"schedule.shape={self.shape!r} is not known; allowed values: {list(RAMP_SHAPES)}")
 
@@ -145,8 +128,8 @@ class PerformanceLinked(AlphaSchedule):
 
     def __init__(self, cfg: Any = None) -> None:
         super().__init__(cfg)
-        self.min_factor = float(_cfg(cfg, "min_factor", 0.0))
-        self.max_factor = float(_cfg(cfg, "max_factor", 2.0))
+        self.min_factor = float(_cfg(cfg, "min_factor"))
+        self.max_factor = float(_cfg(cfg, "max_factor"))
         if not 0.0 <= self.min_factor <= self.max_factor:
             raise ValueError(
                 f"schedule needs 0 <= min_factor <= max_factor, got {self.min_factor} and {self.max_factor}"
@@ -169,7 +152,7 @@ class DriftControlled(AlphaSchedule):
 
     def __init__(self, cfg: Any = None) -> None:
         super().__init__(cfg)
-        self.threshold = float(_cfg(cfg, "drift_threshold", 0.05))
+        self.threshold = float(_cfg(cfg, "drift_threshold"))
 
     def rates(self, seeds: list[SeedReport], host: HostSignals) -> dict[int, float]:
         rate = 0.0 if host.weight_drift > self.threshold else self.base_rate
@@ -183,7 +166,7 @@ class GradNormGated(AlphaSchedule):
 
     def __init__(self, cfg: Any = None) -> None:
         super().__init__(cfg)
-        self.lo, self.hi = float(_cfg(cfg, "grad_lo", 0.0)), float(_cfg(cfg, "grad_hi", 10.0))
+        self.lo, self.hi = float(_cfg(cfg, "grad_lo")), float(_cfg(cfg, "grad_hi"))
         if self.lo > self.hi:
             raise ValueError(f"schedule needs grad_lo <= grad_hi, got {self.lo} > {self.hi}")
 
@@ -202,7 +185,7 @@ _SCHEDULE_CLASSES: dict[str, type[AlphaSchedule]] = {
 
 def make_schedule(schedule_cfg: Any = None) -> AlphaSchedule:
     """Build the alpha schedule named by ``schedule_cfg.name`` (default fixed_ramp)."""
-    name = str(_cfg(schedule_cfg, "name", "fixed_ramp"))
+    name = str(_cfg(schedule_cfg, "name"))
     if name not in _SCHEDULE_CLASSES:
         raise ValueError(f"schedule.name={name!r} is not known; allowed values: {list(SCHEDULES)}")
     return _SCHEDULE_CLASSES[name](schedule_cfg)
