@@ -12,7 +12,8 @@ from morpho_dist.blueprints import BlueprintBank, check_act, check_kind
 from morpho_dist.kernels.layout import NUM_FIELDS
 from morpho_dist.kernels.options import KernelOptions
 from morpho_dist.lifecycle import STATE_FIELDS, IllegalTransition, SeedState, Stage, all_idle, check_transition
-from morpho_dist.ops import check_backend, seeded
+from morpho_dist.ops import check_backend
+from morpho_dist.ops.prepared import SeededCalls
 
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
@@ -83,12 +84,14 @@ class SeededLayer(nn.Module):
             self.register_buffer(name, tensor)
         self.register_buffer("telemetry", torch.zeros(num_seeds, NUM_FIELDS))
         self.rec_loss: torch.Tensor | None = None
+        # The op's calls, each kind checked and planned once (ids are validated where this module writes them)
+        self._calls = SeededCalls()
         self._idle_record: tuple[torch.Tensor, int] | None = None
         self.refresh_idle_record()
 
     # ---- forward ---------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y, self.rec_loss = seeded(
+        y, rec_loss = self._calls(
             x,
             self.stage,
             self.blend,
@@ -101,9 +104,10 @@ class SeededLayer(nn.Module):
             dead_eps=self.dead_eps,
             backend=self.backend,
             options=self.kernel,
-            check_ids=False,  # ids are validated where this module writes them
             all_idle=self.known_idle(),
         )
+        # rec_loss is a plain attribute (set in __init__): skip nn.Module.__setattr__'s registry lookups
+        self.__dict__["rec_loss"] = rec_loss
         return y
 
     # ---- idle record -----------------------------------------------------------------------------------------
@@ -132,6 +136,7 @@ class SeededLayer(nn.Module):
     def _apply(self, fn, recurse=True):
         # .to(), .cuda(), to_empty() ... put a new tensor in place of stage: read it again (a setup-time copy)
         out = super()._apply(fn, recurse)
+        self._calls.clear()
         self.refresh_idle_record()
         return out
 

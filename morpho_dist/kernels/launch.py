@@ -203,19 +203,108 @@ def _merge_partials(telemetry: torch.Tensor, parts: torch.Tensor) -> None:
     telemetry.add_(total)
 
 
-def _stats_buffer(plan: TilePlan, seeds: int, telemetry, x2, opts: KernelOptions):
-    """Where the kernels put telemetry: the buffer itself (atomics) or per-split slots (deterministic)."""
-    if telemetry is None:
-        return x2, 0  # an unused pointer
-    if not opts.deterministic:
-        return telemetry, 0
-    splits = max(plan.columns.splits, plan.lowrank.splits if plan.lowrank else 0)
-    return torch.zeros(splits, seeds, NUM_FIELDS, device=x2.device), seeds * NUM_FIELDS
-
-
 def _shape_key(kind, act, x2, stage, p0, telemetry, all_idle) -> tuple:
     shapes = (*x2.shape, stage.numel(), tuple(p0.shape), x2.dtype, p0.dtype)
     return (kind, act, *shapes, telemetry is not None, all_idle)
+
+
+@dataclass(frozen=True)
+class ForwardLaunch:
+    """Everything about a forward launch that its shapes and options fix: grids, scalar arguments, compile-time
+    arguments, which buffers are zeroed where. Planned once per shape (cached); `run_forward` only allocates the
+    outputs and launches."""
+
+    det: bool
+    has_stats: bool
+    stats_splits: int  # deterministic: per-split telemetry slots
+    seeds: int
+    overlap: bool  # the lowrank kernel on the side stream
+    rec_len: int
+    rec_zeros: bool  # rec allocated zero-filled (else empty, zeroed by a kernel or on the side stream)
+    rec_side_zero: bool  # rec zeroed on the side stream before the lowrank kernel
+    n_cols: int
+    cols_grid: tuple[int, int]
+    cols_scalars: tuple  # T, H, N, C, rows_per_split, stats_stride, det, dead_eps, rec_scale
+    cols_const: dict
+    low_grid: tuple[int, int] | None  # None: no lowrank kernel
+    low_scalars: tuple
+    low_const: dict
+
+
+@functools.lru_cache(maxsize=1024)
+def plan_forward(
+    kind: str, act: str, rows: int, hidden: int, seeds: int, rank: int, elem_size: int, device: torch.device,
+    has_stats: bool, all_idle: bool, dead_eps: float, opts: KernelOptions,
+) -> ForwardLaunch:  # fmt: skip
+    chunk = hidden // seeds
+    plan = plan_tiles(kind, rows, seeds, chunk, rank, opts, device, opts.num_warps, elem_size)
+    cols = plan.columns
+    low = None if all_idle else plan.lowrank  # the lowrank kernel, where it runs
+    diagonal_math = kind == "diagonal" and not all_idle
+    det = opts.deterministic
+    stats_splits = max(cols.splits, plan.lowrank.splits if plan.lowrank else 0) if det and has_stats else 0
+    stats_stride = seeds * NUM_FIELDS if stats_splits else 0
+    n_cols = cols.splits * cols.groups
+    overlap = low is not None and _overlaps(device, opts.overlap)
+    # Only diagonal math and the lowrank kernel add to the total; elsewhere whoever runs first zeroes it rather
+    # than a fill on the caller's stream: the column kernel, or the side stream (before the lowrank kernel) where
+    # the two overlap. A fill ahead of the column kernel delays every output.
+    zero_rec = not (det or overlap or diagonal_math)
+    common = dict(USE_ATOMICS=not det, HAS_STATS=has_stats, num_warps=opts.num_warps, num_stages=_NUM_STAGES)
+    rec_scale = 0.5 / (rows * chunk)
+    cols_const = dict(
+        DIAGONAL=diagonal_math, ALL_IDLE=all_idle, BLOCK_T=cols.block_t, CP=cols.chunk_tile,
+        SPP=cols.seeds_per_prog, DENSE=cols.dense, ZERO_REC=zero_rec, **common,
+    )  # fmt: skip
+    cols_scalars = (rows, hidden, seeds, chunk, cols.rows_per_split, stats_stride, int(det), dead_eps, rec_scale)
+    low_grid, low_scalars, low_const = None, (), {}
+    if low is not None:
+        low_grid = (low.splits, low.groups)
+        low_scalars = (
+            rows, hidden, seeds, chunk, rank, low.rows_per_split, stats_stride, int(det), dead_eps, rec_scale
+        )  # fmt: skip
+        low_const = dict(
+            ACT=ACT_IDS[act], BLOCK_T=low.block_t, CP=low.chunk_tile, RP=plan.rank_tile, RANK=rank,
+            DOT_PRECISION=opts.dot_precision, RANK1=plan.rank1,
+            **lowrank_fwd_shape_args(low.block_t, low.chunk_tile, elem_size, opts.lowrank_warps, plan.rank1),
+            **{**common, "num_warps": opts.lowrank_warps},
+        )  # fmt: skip
+    return ForwardLaunch(
+        det=det, has_stats=has_stats, stats_splits=stats_splits, seeds=seeds, overlap=overlap,
+        rec_len=n_cols + (low.splits * low.groups if low else 0) if det else 1,
+        rec_zeros=det or diagonal_math, rec_side_zero=overlap and not det, n_cols=n_cols,
+        cols_grid=(cols.splits, cols.groups), cols_scalars=cols_scalars, cols_const=cols_const,
+        low_grid=low_grid, low_scalars=low_scalars, low_const=low_const,
+    )  # fmt: skip
+
+
+def run_forward(fl: ForwardLaunch, x2, stage, blend, alpha, p0, p1, telemetry):
+    """Launch a planned forward on contiguous tensors (x2 may keep its leading dims); returns (y, rec_loss)."""
+    y2 = torch.empty_like(x2)
+    device = x2.device
+    if fl.stats_splits:
+        stats = torch.zeros(fl.stats_splits, fl.seeds, NUM_FIELDS, device=device)
+    else:
+        stats = x2 if telemetry is None else telemetry  # x2: an unused pointer
+    rec = (torch.zeros if fl.rec_zeros else torch.empty)(fl.rec_len if fl.det else (), device=device)
+    side = _fork(device, True) if fl.overlap else None
+    _columns_fwd_kernel[fl.cols_grid](
+        x2, y2, stage, blend, alpha, p0, p1, stats, rec, *fl.cols_scalars, **fl.cols_const
+    )  # fmt: skip
+    if fl.low_grid is not None:
+        with _on(side):
+            if fl.rec_side_zero:
+                rec.zero_()
+            _lowrank_fwd_kernel[fl.low_grid](
+                x2, y2, stage, blend, alpha, p0, p1, stats, rec[fl.n_cols :] if fl.det else rec, *fl.low_scalars,
+                **fl.low_const,
+            )  # fmt: skip
+        _join(side)
+    if fl.det:
+        if fl.has_stats:
+            _merge_partials(telemetry, stats)
+        return y2, rec.sum()
+    return y2, rec
 
 
 def seeded_forward(
@@ -233,52 +322,118 @@ def seeded_forward(
     return _forward(x2, stage, blend, alpha, p0, p1, telemetry, kind, act, dead_eps, all_idle, opts)
 
 
+def _rank_of(kind: str, p0) -> int:
+    return p0.shape[2] if kind == "lowrank" else 1
+
+
 def _forward(x2, stage, blend, alpha, p0, p1, telemetry, kind, act, dead_eps, all_idle, opts: KernelOptions):
-    plan, rows, seeds, chunk, rank = _plan(kind, x2, stage, p0, opts, opts.num_warps)
-    cols = plan.columns
-    low = None if all_idle else plan.lowrank  # the lowrank kernel, where it runs
-    diagonal_math = kind == "diagonal" and not all_idle
-    y2 = torch.empty_like(x2)
-    has_stats = telemetry is not None
-    stats, stats_stride = _stats_buffer(plan, seeds, telemetry, x2, opts)
-    det = opts.deterministic
-    n_cols = cols.splits * cols.groups
-    overlap = low is not None and _overlaps(x2.device, opts.overlap)
-    # Only diagonal math and the lowrank kernel add to the total; elsewhere whoever runs first zeroes it rather
-    # than a fill on the caller's stream: the column kernel, or the side stream (before the lowrank kernel) where
-    # the two overlap. A fill ahead of the column kernel delays every output.
-    zero_rec = not (det or overlap or diagonal_math)
-    if det:  # a slot per program (programs of idle lowrank seeds leave theirs at zero)
-        rec = torch.zeros(n_cols + (low.splits * low.groups if low else 0), device=x2.device)
-    else:  # the kernels add into it
-        rec = torch.zeros(1, device=x2.device) if diagonal_math else torch.empty(1, device=x2.device)
-    common = dict(USE_ATOMICS=not det, HAS_STATS=has_stats, num_warps=opts.num_warps, num_stages=_NUM_STAGES)
-    side = _fork(x2.device, overlap)
-    _columns_fwd_kernel[(cols.splits, cols.groups)](
-        x2, y2, stage, blend, alpha, p0, p1, stats, rec,
-        rows, x2.shape[1], seeds, chunk, cols.rows_per_split, stats_stride, int(det), dead_eps, 0.5 / (rows * chunk),
-        DIAGONAL=diagonal_math, ALL_IDLE=all_idle, BLOCK_T=cols.block_t, CP=cols.chunk_tile,
-        SPP=cols.seeds_per_prog, DENSE=cols.dense, ZERO_REC=zero_rec, **common,
+    rows, hidden = x2.shape
+    fl = plan_forward(
+        kind, act, rows, hidden, stage.numel(), _rank_of(kind, p0), x2.element_size(), x2.device,
+        telemetry is not None, all_idle, float(dead_eps), opts,
     )  # fmt: skip
+    return run_forward(fl, x2, stage, blend, alpha, p0, p1, telemetry)
+
+
+@dataclass(frozen=True)
+class BackwardLaunch:
+    """The backward's counterpart of ForwardLaunch."""
+
+    det: bool
+    has_stats: bool
+    stats_splits: int
+    seeds: int
+    overlap: bool
+    grad_lead: tuple  # deterministic: (splits,) per-split gradient slots
+    grad_alloc_empty: bool  # gradients allocated empty (zeroed by the column kernel or on the side stream)
+    cols_grid: tuple[int, int]
+    cols_scalars: tuple  # T, H, N, C, rows_per_split, stats_stride, grad_stride, inv_count, grad_seed_elems
+    cols_const: dict
+    low_grid: tuple[int, int] | None
+    low_scalars: tuple
+    low_const: dict
+
+
+@functools.lru_cache(maxsize=1024)
+def plan_backward(
+    kind: str, rows: int, hidden: int, seeds: int, p0_shape: tuple, act: str, elem_size: int, device: torch.device,
+    has_stats: bool, all_idle: bool, opts: KernelOptions,
+) -> BackwardLaunch:  # fmt: skip
+    chunk = hidden // seeds
+    rank = p0_shape[2] if kind == "lowrank" else 1
+    plan = plan_tiles(kind, rows, seeds, chunk, rank, opts, device, opts.bwd_num_warps, elem_size)
+    cols = plan.columns
+    low = None if all_idle else plan.lowrank
+    det = opts.deterministic
+    grad_splits = (low or cols).splits  # lowrank: only the lowrank kernels have parameter gradients
+    overlap = low is not None and _overlaps(device, opts.overlap)
+    # Off the caller's stream where they can be: with a side stream the lowrank gradients are zeroed there (as rec
+    # in the forward); with all_idle (atomics) the column kernel zeroes them, as nothing adds to them.
+    zero_grads = all_idle and not det
+    stats_splits = max(cols.splits, plan.lowrank.splits if plan.lowrank else 0) if det and has_stats else 0
+    stats_stride = seeds * NUM_FIELDS if stats_splits else 0
+    p0_numel = 1
+    for d in p0_shape:
+        p0_numel *= d
+    grad_stride = p0_numel if det else 0
+    inv_count = 1.0 / (rows * chunk)
+    common = dict(USE_ATOMICS=not det, HAS_STATS=has_stats, num_warps=opts.bwd_num_warps, num_stages=_NUM_STAGES)
+    cols_const = dict(
+        DIAGONAL=kind == "diagonal" and not all_idle, ALL_IDLE=all_idle, BLOCK_T=cols.block_t,
+        CP=cols.chunk_tile, SPP=cols.seeds_per_prog, DENSE=cols.dense, ZERO_GRADS=zero_grads, **common,
+    )  # fmt: skip
+    cols_scalars = (
+        rows, hidden, seeds, chunk, cols.rows_per_split, stats_stride, grad_stride, inv_count, p0_numel // seeds
+    )  # fmt: skip
+    low_grid, low_scalars, low_const = None, (), {}
     if low is not None:
+        low_grid = (low.splits, low.groups)
+        low_scalars = (rows, hidden, seeds, chunk, rank, low.rows_per_split, stats_stride, grad_stride, inv_count)
+        low_const = dict(
+            ACT=ACT_IDS[act], BLOCK_T=low.block_t, CP=low.chunk_tile, RP=plan.rank_tile, RANK=rank,
+            DOT_PRECISION=opts.dot_precision, RANK1=plan.rank1,
+            **lowrank_bwd_shape_args(low.block_t, low.chunk_tile),
+            **{**common, "num_warps": opts.lowrank_warps},
+        )  # fmt: skip
+    return BackwardLaunch(
+        det=det, has_stats=has_stats, stats_splits=stats_splits, seeds=seeds, overlap=overlap,
+        grad_lead=(grad_splits,) if det else (), grad_alloc_empty=overlap or zero_grads,
+        cols_grid=(cols.splits, cols.groups), cols_scalars=cols_scalars, cols_const=cols_const,
+        low_grid=low_grid, low_scalars=low_scalars, low_const=low_const,
+    )  # fmt: skip
+
+
+def run_backward(bl: BackwardLaunch, x2, dy2, drec, stage, blend, alpha, p0, p1, telemetry):
+    """Launch a planned backward on contiguous tensors; returns (dx, dp0, dp1)."""
+    dx2 = torch.empty_like(dy2)
+    device = x2.device
+    alloc = torch.empty if bl.grad_alloc_empty else torch.zeros
+    g0 = alloc(*bl.grad_lead, *p0.shape, device=device)
+    g1 = alloc(*bl.grad_lead, *p1.shape, device=device)
+    if bl.stats_splits:
+        stats = torch.zeros(bl.stats_splits, bl.seeds, NUM_FIELDS, device=device)
+    else:
+        stats = x2 if telemetry is None else telemetry
+    side = _fork(device, True) if bl.overlap else None
+    _columns_bwd_kernel[bl.cols_grid](
+        x2, dy2, dx2, stage, blend, alpha, p0, p1, drec, g0, g1, stats, *bl.cols_scalars, **bl.cols_const
+    )  # fmt: skip
+    if bl.low_grid is not None:
         with _on(side):
-            if overlap and not det:
-                rec.zero_()
-            _lowrank_fwd_kernel[(low.splits, low.groups)](
-                x2, y2, stage, blend, alpha, p0, p1, stats, rec[n_cols:] if det else rec,
-                rows, x2.shape[1], seeds, chunk, rank, low.rows_per_split, stats_stride, int(det), dead_eps,
-                0.5 / (rows * chunk),
-                ACT=ACT_IDS[act], BLOCK_T=low.block_t, CP=low.chunk_tile, RP=plan.rank_tile, RANK=rank,
-                DOT_PRECISION=opts.dot_precision, RANK1=plan.rank1,
-                **lowrank_fwd_shape_args(
-                    low.block_t, low.chunk_tile, x2.element_size(), opts.lowrank_warps, plan.rank1
-                ),
-                **{**common, "num_warps": opts.lowrank_warps},
+            if bl.overlap:
+                g0.zero_()
+                g1.zero_()
+            _lowrank_bwd_kernel[bl.low_grid](
+                x2, dy2, dx2, stage, blend, alpha, p0, p1, drec, g0, g1, stats, *bl.low_scalars, **bl.low_const
             )  # fmt: skip
-    _join(side)
-    if det and has_stats:
-        _merge_partials(telemetry, stats)
-    return y2, rec.sum() if det else rec.view(())
+        _join(side)
+    if bl.det:
+        if bl.has_stats:
+            _merge_partials(telemetry, stats)
+        g0, g1 = g0.sum(0), g1.sum(0)
+    if g0.dtype != p0.dtype:
+        g0, g1 = g0.to(p0.dtype), g1.to(p1.dtype)
+    return dx2, g0, g1
 
 
 def seeded_backward(
@@ -297,49 +452,9 @@ def seeded_backward(
 
 
 def _backward(x2, dy2, drec, stage, blend, alpha, p0, p1, telemetry, kind, act, all_idle, opts: KernelOptions):
-    plan, rows, seeds, chunk, rank = _plan(kind, x2, stage, p0, opts, opts.bwd_num_warps)
-    cols = plan.columns
-    low = None if all_idle else plan.lowrank
-    dx2 = torch.empty_like(x2)
-    det = opts.deterministic
-    grad_splits = (low or cols).splits  # lowrank: only the lowrank kernels have parameter gradients
-    lead = (grad_splits,) if det else ()
-    overlap = low is not None and _overlaps(x2.device, opts.overlap)
-    # Off the caller's stream where they can be: with a side stream the lowrank gradients are zeroed there (as rec
-    # in the forward); with all_idle (atomics) the column kernel zeroes them, as nothing adds to them.
-    zero_grads = all_idle and not det
-    alloc = torch.empty if overlap or zero_grads else torch.zeros
-    g0 = alloc(*lead, *p0.shape, device=x2.device)
-    g1 = alloc(*lead, *p1.shape, device=x2.device)
-    has_stats = telemetry is not None
-    stats, stats_stride = _stats_buffer(plan, seeds, telemetry, x2, opts)
-    grad_stride = p0.numel() if det else 0
-    common = dict(USE_ATOMICS=not det, HAS_STATS=has_stats, num_warps=opts.bwd_num_warps, num_stages=_NUM_STAGES)
-    side = _fork(x2.device, overlap)
-    _columns_bwd_kernel[(cols.splits, cols.groups)](
-        x2, dy2, dx2, stage, blend, alpha, p0, p1, drec, g0, g1, stats,
-        rows, x2.shape[1], seeds, chunk, cols.rows_per_split, stats_stride, grad_stride, 1.0 / (rows * chunk),
-        p0.numel() // seeds,
-        DIAGONAL=kind == "diagonal" and not all_idle, ALL_IDLE=all_idle, BLOCK_T=cols.block_t,
-        CP=cols.chunk_tile, SPP=cols.seeds_per_prog, DENSE=cols.dense, ZERO_GRADS=zero_grads, **common,
+    rows, hidden = x2.shape
+    bl = plan_backward(
+        kind, rows, hidden, stage.numel(), tuple(p0.shape), act, x2.element_size(), x2.device,
+        telemetry is not None, all_idle, opts,
     )  # fmt: skip
-    if low is not None:
-        with _on(side):
-            if overlap:
-                g0.zero_()
-                g1.zero_()
-            _lowrank_bwd_kernel[(low.splits, low.groups)](
-                x2, dy2, dx2, stage, blend, alpha, p0, p1, drec, g0, g1, stats,
-                rows, x2.shape[1], seeds, chunk, rank, low.rows_per_split, stats_stride, grad_stride,
-                1.0 / (rows * chunk),
-                ACT=ACT_IDS[act], BLOCK_T=low.block_t, CP=low.chunk_tile, RP=plan.rank_tile, RANK=rank,
-                DOT_PRECISION=opts.dot_precision, RANK1=plan.rank1,
-                **lowrank_bwd_shape_args(low.block_t, low.chunk_tile),
-                **{**common, "num_warps": opts.lowrank_warps},
-            )  # fmt: skip
-    _join(side)
-    if det:
-        if has_stats:
-            _merge_partials(telemetry, stats)
-        g0, g1 = g0.sum(0), g1.sum(0)
-    return dx2, g0.to(p0.dtype), g1.to(p1.dtype)
+    return run_backward(bl, x2, dy2, drec, stage, blend, alpha, p0, p1, telemetry)

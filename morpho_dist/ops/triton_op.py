@@ -142,3 +142,59 @@ def seeded_triton(x, stage, blend, alpha, p0, p1, telemetry, *, kind, act, dead_
     return _SeededFunction.apply(
         x, stage, blend, alpha, p0, p1, telemetry, kind, act, float(dead_eps), bool(all_idle), opts
     )
+
+
+class PreparedCall:
+    """The fixed part of a seeded-op call on the Triton backend, planned once for one set of shapes, dtypes and
+    options (morpho_dist.ops.prepared validates the call before it makes one): the forward and backward launch
+    plans. Calling it launches the kernels with no further checks or planning."""
+
+    __slots__ = ("fwd", "bwd")
+
+    def __init__(self, fwd: launch.ForwardLaunch, bwd: launch.BackwardLaunch) -> None:
+        self.fwd, self.bwd = fwd, bwd
+
+    def __call__(self, x, stage, blend, alpha, p0, p1, telemetry):
+        if not x.is_contiguous():
+            x = x.contiguous()
+        return _PreparedFunction.apply(x, stage, blend, alpha, p0, p1, telemetry, self)
+
+
+def prepare_triton(x, stage, p0, telemetry, *, kind, act, dead_eps, all_idle, opts: KernelOptions) -> PreparedCall:
+    """Plan both directions of a validated call (x: the input as the op sees it, any leading dims)."""
+    hidden = x.shape[-1]
+    rows = x.numel() // hidden
+    seeds = stage.numel()
+    rank = p0.shape[2] if kind == "lowrank" else 1
+    has_stats = telemetry is not None
+    fwd = launch.plan_forward(
+        kind, act, rows, hidden, seeds, rank, x.element_size(), x.device, has_stats, bool(all_idle), float(dead_eps),
+        opts,
+    )  # fmt: skip
+    bwd = launch.plan_backward(
+        kind, rows, hidden, seeds, tuple(p0.shape), act, x.element_size(), x.device, has_stats, bool(all_idle), opts
+    )
+    return PreparedCall(fwd, bwd)
+
+
+class _PreparedFunction(torch.autograd.Function):
+    """_SeededFunction for a PreparedCall: x contiguous, state and telemetry contiguous (checked when prepared)."""
+
+    @staticmethod
+    def forward(ctx, x, stage, blend, alpha, p0, p1, telemetry, call: PreparedCall):
+        y, rec_loss = launch.run_forward(call.fwd, x, stage, blend, alpha, p0, p1, telemetry)
+        ctx.save_for_backward(x, stage, blend, alpha, p0, p1)
+        ctx.telemetry = telemetry  # updated in place by later calls: off the saved-tensor version check
+        ctx.call = call
+        return y, rec_loss
+
+    @staticmethod
+    def backward(ctx, dy, drec):
+        x, stage, blend, alpha, p0, p1 = ctx.saved_tensors
+        if dy is None:
+            dy = torch.zeros_like(x)
+        elif not dy.is_contiguous():  # e.g. the expanded gradient of a sum()
+            dy = dy.contiguous()
+        drec = torch.zeros((), device=x.device) if drec is None else drec.float()
+        dx, dp0, dp1 = launch.run_backward(ctx.call.bwd, x, dy, drec, stage, blend, alpha, p0, p1, ctx.telemetry)
+        return dx, None, None, None, dp0, dp1, None, None

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import morpho_dist.layer as layer_module
+import morpho_dist.ops as ops
 from morpho_dist.layer import SeededLayer
 from morpho_dist.lifecycle import Stage
 from morpho_dist.reliability import SeedGuard
@@ -65,8 +65,8 @@ def test_a_meta_layer_is_not_known_idle():
 @pytest.mark.parametrize("stage, promised", [(Stage.DORMANT, True), (Stage.FOSSILIZED, False)])
 def test_forward_passes_the_record_to_the_op(monkeypatch, stage, promised):
     seen = []
-    real = layer_module.seeded
-    monkeypatch.setattr(layer_module, "seeded", lambda *a, **kw: seen.append(kw["all_idle"]) or real(*a, **kw))
+    real = ops.seeded  # the reference backend's calls go through ops.seeded (morpho_dist.ops.prepared)
+    monkeypatch.setattr(ops, "seeded", lambda *a, **kw: seen.append(kw["all_idle"]) or real(*a, **kw))
     layer = make_layer()
     layer.stage[3] = int(stage)
     layer.refresh_idle_record()
@@ -92,4 +92,4 @@ def test_all_idle_must_be_a_bool(backend):
     layer = make_layer()
     args = (torch.randn(3, 64), layer.stage, layer.blend, layer.alpha, layer.bank.p0, layer.bank.p1, None)
     with pytest.raises(ValueError, match=r"all_idle must be a bool \(True or False\), got 1"):
-        layer_module.seeded(*args, kind="lowrank", backend=backend, all_idle=1)
+        ops.seeded(*args, kind="lowrank", backend=backend, all_idle=1)

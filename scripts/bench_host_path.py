@@ -1,0 +1,120 @@
+"""Host (Python) time of one SeededLayer call, forward and backward, with the Triton launches stubbed out.
+
+    TRITON_INTERPRET=1 python scripts/bench_host_path.py            # CPU tensors, every kernel launch a no-op
+    TRITON_INTERPRET=1 python scripts/bench_host_path.py --out /tmp/host_path.json
+
+What it times is everything a seeded-layer call does on the host but the kernel launches themselves: argument
+checks, option handling, planning, allocations, the autograd Function, the layer's idle record. The launches are
+replaced by no-ops (the kernels' outputs are left as allocated), so the figure does not depend on a device or on
+Triton's interpreter; the launch cost of the real kernels (Triton's launcher, on the device) comes on top and is
+measured on the device by scripts/bench_step.py's per-call rows.
+
+Layers: lowrank, 64 seeds of chunk 16, rank 16; one all DORMANT (idle record: known idle, one launch each way),
+one with a third of its seeds GRAFTING (two launches each way). Reported: median microseconds per call over
+``--steps`` passes through a chain of ``--layers`` layers: per layer call, the forward, the backward (one
+``y.backward(dy)`` through the whole chain, so the autograd engine's start is shared as in a training step) and
+their sum.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported: CPU tensors take the Triton path
+
+import torch  # noqa: E402
+
+from morpho_dist.kernels import launch  # noqa: E402
+from morpho_dist.layer import SeededLayer  # noqa: E402
+from morpho_dist.lifecycle import Stage  # noqa: E402
+
+KERNELS = ("_columns_fwd_kernel", "_columns_bwd_kernel", "_lowrank_fwd_kernel", "_lowrank_bwd_kernel")
+
+
+class _NoLaunch:
+    """Stands in for a @triton.jit kernel: ``kernel[grid](*args, **kwargs)`` does nothing."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.launches = 0
+
+    def __getitem__(self, grid):
+        return self._launch
+
+    def _launch(self, *args, **kwargs) -> None:
+        self.launches += 1
+
+
+def stub_launches() -> dict[str, _NoLaunch]:
+    stubs = {name: _NoLaunch(name) for name in KERNELS}
+    for name, stub in stubs.items():
+        setattr(launch, name, stub)
+    return stubs
+
+
+def make_layer(third: bool) -> SeededLayer:
+    layer = SeededLayer(1024, 64, rank=16, backend="triton").train()
+    if third:
+        live = list(range(0, 64, 3))
+        for i in live:
+            layer.germinate(i, step=0)
+        for stage in (Stage.TRAINING, Stage.GRAFTING):
+            layer.apply_stage_changes([(i, stage) for i in live], step=0)
+    return layer
+
+
+def time_calls(layers: list[SeededLayer], steps: int) -> tuple[float, float]:
+    """Median microseconds per layer call (forward, backward) of ``steps`` passes through the chain of layers: one
+    forward through all of them, then one backward (as in a training step: the autograd engine starts once)."""
+    x = torch.randn(8, layers[0].hidden, requires_grad=True)
+    dy = torch.randn(8, layers[0].hidden)
+    fwd, bwd = [], []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        y = x
+        for layer in layers:
+            y = layer(y)
+        t1 = time.perf_counter()
+        y.backward(dy)
+        t2 = time.perf_counter()
+        fwd.append(t1 - t0)
+        bwd.append(t2 - t1)
+    skip = steps // 5  # warm-up passes
+    per_call = 1e6 / len(layers)
+    return statistics.median(fwd[skip:]) * per_call, statistics.median(bwd[skip:]) * per_call
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", type=int, default=16, help="layers in the chain")
+    ap.add_argument("--steps", type=int, default=200, help="forward + backward passes through the chain")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    stubs = stub_launches()
+    rows = {}
+    for name, third in (("dormant", False), ("third", True)):
+        layers = [make_layer(third) for _ in range(args.layers)]
+        fwd, bwd = time_calls(layers, args.steps)
+        idle = layers[0].known_idle()
+        rows[name] = {"known_idle": idle, "fwd_us": fwd, "bwd_us": bwd, "fwd_bwd_us": fwd + bwd}
+        print(f"{name:8s} known_idle={idle!s:5s} fwd {fwd:6.1f} us  bwd {bwd:6.1f} us  fwd+bwd {fwd + bwd:6.1f} us")
+    result = {
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "launches": {n: s.launches for n, s in stubs.items()},
+        "rows": rows,
+    }
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,131 @@
+"""SeededLayer's prepared calls (morpho_dist.ops.prepared): checked and planned once per kind of call, then made
+straight from the plans, with the same results as the checked functional op, and checked again whenever
+anything the check depended on changes. CPU: the Triton kernels run in Triton's interpreter."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import morpho_dist.ops.prepared as prepared
+import morpho_dist.ops.validation as validation
+from morpho_dist.layer import SeededLayer
+from morpho_dist.lifecycle import Stage
+from morpho_dist.ops import seeded
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET", "0") != "1", reason="CPU kernels need TRITON_INTERPRET=1"
+)
+
+
+def make_layer(live: bool) -> SeededLayer:
+    torch.manual_seed(0)
+    layer = SeededLayer(64, 4, rank=4, backend="triton").train()
+    if live:  # seed 1 GRAFTING (additive), seed 2 TRAINING (linear: rec_loss), seeds 0 and 3 DORMANT
+        layer.germinate(1, step=0)
+        layer.germinate(2, step=0, blend="linear")
+        layer.apply_stage_changes([(1, Stage.TRAINING), (2, Stage.TRAINING)], step=0)
+        layer.apply_stage_changes([(1, Stage.GRAFTING)], step=0)
+        with torch.no_grad():
+            layer.alpha[1] = 0.4
+            layer.bank.p1.normal_(0, 0.3)
+    return layer
+
+
+def count_checks(monkeypatch) -> list:
+    calls = []
+    real = validation.check_seeded_args
+
+    def counting(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(validation, "check_seeded_args", counting)
+    return calls
+
+
+@pytest.mark.parametrize("live", [False, True], ids=["dormant", "live"])
+def test_prepared_calls_match_the_checked_op_bit_for_bit(live):
+    layer = make_layer(live)
+    assert layer.known_idle() is not live
+    gen = torch.Generator().manual_seed(3)
+    tel = layer.telemetry.clone()
+    for step in range(3):
+        x = torch.randn(2, 5, 64, generator=gen)
+        dy = torch.randn(2, 5, 64, generator=gen)
+        xa = x.clone().requires_grad_()
+        y = layer(xa)
+        (torch.sum(y * dy) + 0.7 * layer.rec_loss).backward()
+        p0 = layer.bank.p0.detach().clone().requires_grad_()
+        p1 = layer.bank.p1.detach().clone().requires_grad_()
+        xb = x.clone().requires_grad_()
+        want, rec = seeded(
+            xb, layer.stage, layer.blend, layer.alpha, p0, p1, tel, kind="lowrank", backend="triton",
+            all_idle=not live,
+        )  # fmt: skip
+        (torch.sum(want * dy) + 0.7 * rec).backward()
+        assert torch.equal(y, want) and torch.equal(layer.rec_loss, rec), step
+        assert torch.equal(xa.grad, xb.grad), step
+        assert torch.equal(layer.bank.p0.grad, p0.grad) and torch.equal(layer.bank.p1.grad, p1.grad), step
+        assert torch.equal(layer.telemetry, tel), step
+        layer.bank.p0.grad = layer.bank.p1.grad = None
+    if live:
+        assert float(layer.rec_loss.detach()) > 0.0 and (layer.bank.p0.grad is None)
+
+
+def test_a_call_is_checked_once_and_again_when_its_kind_changes(monkeypatch):
+    checks = count_checks(monkeypatch)
+    layer = make_layer(live=False)
+    x = torch.randn(6, 64)
+    for _ in range(3):
+        layer(x)
+    assert len(checks) == 1, "the same kind of call is checked once"
+    layer(torch.randn(7, 64))  # another shape
+    layer(x.double().float().to(torch.bfloat16))  # another dtype
+    layer.eval()
+    layer(x)  # no telemetry
+    layer.train()
+    layer.germinate(0, step=0)
+    layer.apply_stage_changes([(0, Stage.TRAINING)], step=0)  # the idle record changes: another promise
+    layer(x)
+    assert len(checks) == 5
+    layer(torch.randn(7, 64))  # the shape seen before, under the new promise
+    assert len(checks) == 6
+    for _ in range(2):
+        layer(x)
+        layer(torch.randn(7, 64))
+    assert len(checks) == 6, "every kind seen before is still prepared"
+    layer.to(torch.float32)  # .to() puts new tensors in place: checked again
+    layer(x)
+    assert len(checks) == 7
+
+
+def test_a_bad_input_is_refused_after_good_calls():
+    layer = make_layer(live=False)
+    layer(torch.randn(4, 64))
+    with pytest.raises(ValueError, match=r"p0 \(A\) must have shape \[N, C, R\] = \[4, 20, R\]"):
+        layer(torch.randn(4, 80))  # H=80: chunk 20, which the layer's bank does not have
+    with pytest.raises(ValueError, match=r"x has dtype torch.int64; allowed dtypes"):
+        layer(torch.ones(4, 64, dtype=torch.long))
+
+
+def test_a_replaced_parameter_is_checked_again(monkeypatch):
+    checks = count_checks(monkeypatch)
+    layer = make_layer(live=False)
+    x = torch.randn(4, 64)
+    layer(x)
+    with torch.no_grad():
+        layer.bank.p1.data = torch.zeros(4, 3, 16)  # the same Parameter object, another shape
+    with pytest.raises(ValueError, match=r"p1 \(B\) must have shape \[N, R, C\] = \[4, 4, 16\]"):
+        layer(x)
+    assert len(checks) == 2
+
+
+def test_calls_under_the_reference_backend_are_not_prepared(monkeypatch):
+    layer = SeededLayer(64, 4, rank=4, backend="reference")
+    layer(torch.randn(3, 64))
+    (entry,) = layer._calls._entries.values()
+    assert entry[0] is None  # no prepared form: every call goes through ops.seeded
+    assert isinstance(layer._calls, prepared.SeededCalls)
