@@ -145,3 +145,40 @@ def test_compiled_model_matches_eager_cpu(backend):
 def test_compiled_model_matches_eager_cuda_inductor(backend):
     # inductor may fuse and reorder the host's fp32 math around the (opaque) seeded op: close, not bit-equal
     check_compiled_matches_eager(backend, "cuda", "inductor", atol=1e-4, rtol=1e-4)
+
+
+def check_lifecycle_moves_do_not_recompile(backend: str, device: str, compile_backend: str) -> None:
+    """From every seed DORMANT (the layers known idle) through germination, TRAINING and GRAFTING: the compiled
+    model is compiled once; the idle promise is an eager-only shortcut, so no move changes what was traced."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Host().to(device)
+    cfg = SimpleNamespace(targets=["fc1", "fc2"], per_layer=SEEDS, kind="lowrank", rank=RANK, act="relu")
+    wrap(model, cfg, backend=backend)
+    fc1 = seeded_layers(model)["fc1"]
+    compiled = torch.compile(model, backend=compile_backend, fullgraph=True)
+    moves = [
+        lambda: fc1.germinate(1, 0, blend="additive"),
+        lambda: fc1.apply_stage_changes([(1, Stage.TRAINING)], 1),
+        lambda: fc1.apply_stage_changes([(1, Stage.GRAFTING)], 2),
+        lambda: fc1.alpha.fill_(0.5),
+    ]
+    x = torch.randn(ROWS, HIDDEN, device=device)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled(x).sum().backward()
+        for move in moves:
+            with torch.no_grad():
+                move()
+            y = compiled(x)
+            y.sum().backward()
+            torch.testing.assert_close(y, model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_lifecycle_moves_do_not_recompile_cpu():
+    check_lifecycle_moves_do_not_recompile("reference", "cpu", "aot_eager")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(INTERPRET, reason="native GPU run needs TRITON_INTERPRET=0")
+def test_lifecycle_moves_do_not_recompile_cuda_inductor():
+    check_lifecycle_moves_do_not_recompile("triton", "cuda", "inductor")
