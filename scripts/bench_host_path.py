@@ -68,11 +68,14 @@ def make_layer(third: bool) -> SeededLayer:
     return layer
 
 
-def time_calls(layers: list[SeededLayer], steps: int) -> tuple[float, float]:
+def time_calls(layers: list[SeededLayer], steps: int, x: torch.Tensor | None = None) -> tuple[float, float]:
     """Median microseconds per layer call (forward, backward) of ``steps`` passes through the chain of layers: one
-    forward through all of them, then one backward (as in a training step: the autograd engine starts once)."""
-    x = torch.randn(8, layers[0].hidden, requires_grad=True)
-    dy = torch.randn(8, layers[0].hidden)
+    forward through all of them, then one backward (as in a training step: the autograd engine starts once).
+    ``x``: the chain's input (default 8 CPU rows); on a device, wall clock is host time while the kernels are
+    shorter than the host path (few rows)."""
+    if x is None:
+        x = torch.randn(8, layers[0].hidden, requires_grad=True)
+    dy = torch.randn_like(x)
     fwd, bwd = [], []
     for _ in range(steps):
         t0 = time.perf_counter()

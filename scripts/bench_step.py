@@ -1,29 +1,38 @@
 """Time one training step (forward, backward, optimizer) of a host with SeededLayers against the same host without.
 
-    python scripts/bench_step.py --out /tmp/bench_step.json    # defaults: hidden 4096, 8192 tokens, bf16, triton
-    python scripts/bench_step.py --guard                       # also the rows with the reliability guard on
+    python scripts/bench_step.py --out /tmp/bench_step.json    # defaults: 4 MLP blocks of hidden 4096, 8192 tokens
+    python scripts/bench_step.py --host llama --hidden 1024 --layers 8 --modes eager,compile,cudagraph
     python scripts/bench_step.py --device cpu --hidden 64 --tokens 32 --layers 2 --seeds-per-layer 4 --steps 3
 
-Host: ``--layers`` pre-norm transformer MLP blocks, ``x + down(gelu(up(norm(x))))`` (``--host mlp``: no norm, no
-residual), hidden ``--hidden``, ``--tokens`` rows, params and activations in ``--dtype``; the loss is the mean
-square error against a fixed random target. Variants:
+Hosts (scripts/bench_hosts.py): ``transformer`` (default), ``--layers`` pre-norm MLP blocks
+``x + down(gelu(up(norm(x))))`` of width ``--hidden`` over ``--tokens`` rows, MSE against a fixed target, seeds
+on ``down``; ``mlp`` the same without norm and residual; ``llama``, a ``transformers`` LlamaForCausalLM built from
+a config (random init: ``--hidden``, ``--layers``, ``--intermediate``, ``--heads``, ``--vocab``), ``--tokens``
+tokens a step in sequences of ``--seq``, its own causal-LM loss, seeds on ``up_proj`` and ``down_proj``
+(``--targets`` overrides either). Params and activations in ``--dtype``; the host optimizer is AdamW (fused and
+capturable on CUDA), the seed banks' the train loop's SeedOptimizer.
 
-- ``baseline``: the host alone, with the host optimizer the train loop builds (``optim.make_optimizers``: AdamW).
-- ``dormant``: the same host with a SeededLayer after every block's down projection (``wrap``, lowrank seeds,
-  ``--seeds-per-layer`` of them, rank ``--rank``), every seed DORMANT.
-- ``third``: every third seed moved through the lifecycle commands (germinate, then TRAINING, GRAFTING, ...) to
-  a blended stage (GRAFTING, STABILIZATION, FINE_TUNING, FOSSILIZED, EVALUATING in turn), mixed blends
-  (additive, multiplicative, linear in turn), alpha in (0, 1) and a non-zero bank.
+Variants: ``baseline`` (the host alone), ``dormant`` (a SeededLayer at every target, lowrank seeds,
+``--seeds-per-layer`` of them, rank ``--rank``, all DORMANT), ``third`` (every third seed moved through the
+lifecycle commands to a blended stage: GRAFTING, STABILIZATION, FINE_TUNING, FOSSILIZED, EVALUATING in turn, mixed
+blends, alpha in (0, 1), a non-zero bank). The seeded step is the train loop's: forward in training mode
+(telemetry on), loss plus ``--rec-weight`` times each layer's ``rec_loss``, backward, host optimizer +
+SeedOptimizer step, the alpha schedule's ``step_`` and ``tick_`` on every layer. ``--guard`` adds eager rows with
+the reliability guard on (``SeedGuard`` and ``optim.guarded_step``; the baseline runs the same guard).
 
-The seeded step is the train loop's (``morpho_dist.train``): forward in training mode (telemetry on), loss plus
-``--rec-weight`` times each layer's ``rec_loss``, backward, host optimizer + SeedOptimizer step, the alpha
-schedule's ``step_`` and ``tick_`` on every layer. ``--guard`` adds rows with the reliability guard on
-(``SeedGuard.before_forward`` / ``after_backward`` and the step committed through ``optim.guarded_step``; the
-baseline then runs the same guard over its host parameters). Each variant warms up (``--warmup`` steps: Triton
-compile and autotune happen there), then ``--steps`` steps are timed one by one with CUDA events (CPU: wall
-clock) and the median is reported with the overhead over the baseline. On CUDA the timed steps run under
-``torch.cuda.set_sync_debug_mode("error")``: a step that synchronises with the host is reported in the row's
-``host_syncs`` (the op and where it was called), and the variant is then timed again without the check.
+Modes (``--modes``): ``eager``; ``compile``, every block compiled with ``torch.compile`` (torchtitan's per-block
+compile: the seeded op runs as its custom ops inside the blocks' graphs); ``cudagraph``, the whole step captured
+into one CUDA graph (morpho_dist.capture.CapturedStep) and replayed. Each row warms up (``--warmup`` steps:
+compile, autotune, capture happen there), then ``--steps`` steps are timed one by one with CUDA events (CPU: wall
+clock); reported: the median, the overhead over the same mode's baseline, and the device time per step (the
+kernels' summed time over ``--profile-steps`` profiled steps; the gap to the step time is the device waiting on the
+host). On CUDA the timed steps run under ``torch.cuda.set_sync_debug_mode("error")``: a step that synchronises
+with the host is reported in the row's ``host_syncs`` (the op and where it was called), and the row is then timed
+again without the check. A row that fails records its error and the run goes on.
+
+Host time per seeded-layer call (``--host-calls`` passes, 0: off): a chain of 16 layers configured like the host's
+first seeded layer, all DORMANT and with a third blended, called on 8 rows (device time negligible), wall clock
+per call of the forward and of the backward (scripts/bench_host_path.py's chain), under the sync check too.
 
 Imports neither Hydra nor wandb: the few config values the train loop reads are plain arguments here.
 """
@@ -40,63 +49,59 @@ import sys
 import time
 import traceback
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from morpho_dist.blends import NUM_BLENDS
-from morpho_dist.commands import advance, germinate, tick_
-from morpho_dist.kernels.options import KernelOptions
-from morpho_dist.layer import with_rec_losses
-from morpho_dist.lifecycle import Stage, count_stages
-from morpho_dist.optim import host_parameters, make_optimizers
-from morpho_dist.reliability import SeedGuard
-from morpho_dist.schedules import make_schedule
-from morpho_dist.wrap import seeded_layers, wrap
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling bench_* modules, however this is run
+
+from bench_host_path import time_calls  # noqa: E402
+from bench_hosts import build_host  # noqa: E402
+
+from morpho_dist.blends import NUM_BLENDS  # noqa: E402
+from morpho_dist.capture import CapturedStep  # noqa: E402
+from morpho_dist.commands import advance, germinate, tick_  # noqa: E402
+from morpho_dist.kernels.options import KernelOptions  # noqa: E402
+from morpho_dist.layer import SeededLayer, with_rec_losses  # noqa: E402
+from morpho_dist.lifecycle import Stage, count_stages  # noqa: E402
+from morpho_dist.optim import Optimizers, SeedOptimizer, host_parameters  # noqa: E402
+from morpho_dist.reliability import SeedGuard  # noqa: E402
+from morpho_dist.schedules import make_schedule  # noqa: E402
+from morpho_dist.wrap import seeded_layers, wrap  # noqa: E402
 
 VARIANTS = ("baseline", "dormant", "third")
-TARGET_PCT = {"dormant": 5.0, "third": 15.0}  # step-time overhead targets of the GPU performance issue
+MODES = ("eager", "compile", "cudagraph")
+# Step-time overhead targets (%) of the performance issue, per mode and variant.
+TARGET_PCT = {
+    "eager": {"dormant": 3.0, "third": 8.0},
+    "compile": {"dormant": 3.0, "third": 8.0},
+    "cudagraph": {"dormant": 2.0, "third": 6.0},
+}
+HOST_CALL_TARGET_US = 20.0  # host time per seeded-layer call, forward + backward
 # The blended stages "third" cycles through (as scripts/bench_op.py's make_inputs).
 BLENDED_CYCLE = (Stage.GRAFTING, Stage.STABILIZATION, Stage.FINE_TUNING, Stage.FOSSILIZED, Stage.EVALUATING)
 GRAFTING_RATE = 1e-4  # alpha_rate of GRAFTING seeds: the ramp runs every step but alpha stays inside (0, 1)
+CHAIN = 16  # layers in the host-call chain
 
 
-class MLPBlock(nn.Module):
-    """Pre-norm transformer MLP block ``x + down(gelu(up(norm(x))))``; ``residual=False``: ``down(gelu(up(x)))``."""
-
-    def __init__(self, hidden: int, mult: int = 4, residual: bool = True) -> None:
-        super().__init__()
-        self.residual = residual
-        self.norm = nn.LayerNorm(hidden) if residual else nn.Identity()
-        self.up = nn.Linear(hidden, mult * hidden)
-        self.act = nn.GELU()
-        self.down = nn.Linear(mult * hidden, hidden)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.down(self.act(self.up(self.norm(x))))
-        return x + out if self.residual else out
-
-
-def build_host(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    torch.manual_seed(0)  # every variant starts from the same host weights
-    with torch.device(device):
-        blocks = [MLPBlock(args.hidden, residual=args.host == "transformer") for _ in range(args.layers)]
-        return nn.Sequential(*blocks).to(dtype)
-
-
-def seeds_config(args: argparse.Namespace) -> SimpleNamespace:
-    """What ``wrap`` reads of the ``seeds`` config group: one layer at each block's down projection."""
+def seeds_config(args: argparse.Namespace, targets: list[str]) -> SimpleNamespace:
+    """What ``wrap`` reads of the ``seeds`` config group."""
     return SimpleNamespace(
-        targets=["down"], exclude=None, per_layer=args.seeds_per_layer, kind="lowrank", rank=args.rank,
+        targets=targets, exclude=None, per_layer=args.seeds_per_layer, kind="lowrank", rank=args.rank,
         act=args.act, blend="additive", dead_eps=1e-6,
     )  # fmt: skip
 
 
-def optim_config() -> SimpleNamespace:
-    """conf/optim/adamw.yaml (the train loop's default optimizer)."""
-    return SimpleNamespace(name="adamw", weight_decay=0.0, betas=(0.9, 0.999), momentum=0.9, seed_lr_scale=1.0)
+def make_optimizers(args, model, layers, device: torch.device) -> Optimizers:
+    """AdamW over the host (fused and capturable on CUDA: device-side step counters, one kernel a step) and the
+    train loop's SeedOptimizer over the banks."""
+    cuda = device.type == "cuda"
+    host = torch.optim.AdamW(
+        host_parameters(model, layers), lr=args.lr, weight_decay=0.0, fused=cuda or None, capturable=cuda
+    )
+    seeds = SeedOptimizer(layers, name="adamw", lr=args.lr) if layers else None
+    return Optimizers(host, seeds)
 
 
 @torch.no_grad()
@@ -119,43 +124,45 @@ def make_third(layers: dict, seed: int = 1) -> None:
         p1[idx] = (0.02 * torch.randn(len(chosen), *p1.shape[1:], generator=gen)).to(p1.device, p1.dtype)
 
 
-def build_variant(args, variant: str, device: torch.device, dtype: torch.dtype, backend: str, kernel: KernelOptions):
-    model = build_host(args, device, dtype)
+def build_variant(args, variant: str, device, dtype, backend: str, kernel: KernelOptions):
+    host = build_host(args, device, dtype)
     layers = {}
     if variant != "baseline":
         # after the dtype cast: banks, state and telemetry stay fp32 (the op's contract), host params are dtype
-        wrap(model, seeds_config(args), kernel=kernel, backend=backend, base_seed=0)
-        layers = seeded_layers(model)
+        wrap(host.model, seeds_config(args, host.targets), kernel=kernel, backend=backend, base_seed=0)
+        layers = seeded_layers(host.model)
         if variant == "third":
             make_third(layers)
-    optimizers = make_optimizers(optim_config(), args.lr, model, layers)
-    model.train()  # telemetry on
-    return model, layers, optimizers
+    optimizers = make_optimizers(args, host.model, layers, device)
+    host.model.train()  # telemetry on
+    return host, layers, optimizers
 
 
-def make_step(model, layers, optimizers, x, target, *, rec_weight: float, guard: bool, device: torch.device):
-    """One train-loop step (morpho_dist.train._run without the controller interval): no host sync, no .item()."""
+def make_step(host, layers, optimizers, *, rec_weight: float, guard: bool, device: torch.device):
+    """One train-loop step (morpho_dist.train without the controller interval): no host sync, no .item()."""
+    model = host.model
     schedule = make_schedule(SimpleNamespace(name="fixed_ramp", ramp_steps=50, shape="linear"))
     host_ids = {id(p) for p in host_parameters(model, layers)}  # sharding.named_host_parameters imports Hydra
     host_named = [(n, p) for n, p in model.named_parameters() if id(p) in host_ids]
     seed_guard = SeedGuard(layers, embargo_steps=10, device=device) if guard else None
+    seeded = list(layers.values())
     counter = [0]
 
-    def step() -> None:
+    def step(*inputs: torch.Tensor) -> torch.Tensor:
         counter[0] += 1
         done = counter[0]
         if seed_guard is not None:
             seed_guard.before_forward(done)
-        y = model(x)
-        loss = F.mse_loss(y.float(), target)
-        total = with_rec_losses(loss, layers.values(), rec_weight)
+        loss = host.loss(model, *inputs)
+        total = with_rec_losses(loss, seeded, rec_weight)
         optimizers.zero_grad()
         total.backward()
         ok = seed_guard.after_backward(loss, done, host_named) if seed_guard is not None else None
         optimizers.step(ok)
-        for layer in layers.values():
+        for layer in seeded:
             schedule.step_(layer)
-        tick_(layers)
+        tick_(seeded)
+        return loss.detach()
 
     return step
 
@@ -251,62 +258,154 @@ def stage_summary(layers: dict) -> dict[str, int]:
     return counts
 
 
-def run_variant(args, variant: str, guard: bool, device, dtype, backend, kernel) -> dict:
-    model, layers, optimizers = build_variant(args, variant, device, dtype, backend, kernel)
-    gen = torch.Generator().manual_seed(2)
-    x = torch.randn(args.tokens, args.hidden, generator=gen).to(device, dtype)
-    target = torch.randn(args.tokens, args.hidden, generator=gen).to(device)
-    step = make_step(model, layers, optimizers, x, target, rec_weight=args.rec_weight, guard=guard, device=device)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times, syncs = time_steps(step, args.steps, args.warmup, device, sync_check=not args.no_sync_check)
-    host = optimizers.host
-    row = {
-        "variant": variant,
-        "guard": guard,
-        "median_ms": statistics.median(times),
-        "mean_ms": statistics.fmean(times),
-        "min_ms": min(times),
-        "max_ms": max(times),
-        **syncs,
-        "seeded_layers": len(layers),
-        "stages": stage_summary(layers),
-        "host_optimizer": {
-            "class": type(host).__name__,
-            **{k: host.defaults.get(k) for k in ("foreach", "fused", "capturable")},
-        },
-    }
-    if device.type == "cuda":
-        row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    del model, layers, optimizers, step, x, target
+def device_ms_per_step(step, steps: int) -> float | None:
+    """The kernels' summed device time per step over ``steps`` profiled steps (kernels of both streams add up)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    total_us = sum(e.self_device_time_total for e in prof.key_averages())
+    return total_us / steps / 1e3 if total_us else None
+
+
+def prepare_mode(mode: str, host, layers, step, batch):
+    """The step as the mode runs it: a callable of no arguments, and what the row reports about the mode."""
+    info: dict = {}
+    if mode == "compile":
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        for block in host.blocks:
+            block.compile()
+    if mode == "cudagraph":
+        captured = CapturedStep(step, layers, warmup=2)
+        info["captured"] = captured
+        return (lambda: captured(*batch)), info
+    return (lambda: step(*batch)), info
+
+
+def mode_report(mode: str, info: dict) -> dict:
+    out: dict = {}
+    if mode == "compile":
+        counters = torch._dynamo.utils.counters
+        out["graph_breaks"] = sum(counters["graph_break"].values())
+        out["recompiles"] = sum(v for k, v in counters["stats"].items() if k == "unique_graphs")
+    if mode == "cudagraph":
+        out["captures"] = info["captured"].captures
+    return out
+
+
+def run_variant(args, mode: str, variant: str, guard: bool, device, dtype, backend, kernel) -> dict:
+    row: dict = {"mode": mode, "variant": variant, "guard": guard}
+    try:
+        host, layers, optimizers = build_variant(args, variant, device, dtype, backend, kernel)
+        batch = host.batch(device)
+        step = make_step(host, layers, optimizers, rec_weight=args.rec_weight, guard=guard, device=device)
+        run, info = prepare_mode(mode, host, layers, step, batch)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        times, syncs = time_steps(run, args.steps, args.warmup, device, sync_check=not args.no_sync_check)
+        row.update(
+            median_ms=statistics.median(times), mean_ms=statistics.fmean(times), min_ms=min(times),
+            max_ms=max(times), **syncs, **mode_report(mode, info), seeded_layers=len(layers),
+            stages=stage_summary(layers),
+        )  # fmt: skip
+        if device.type == "cuda":
+            row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            if args.profile_steps:
+                row["device_ms"] = device_ms_per_step(run, args.profile_steps)
+        row["host"] = host.describe
+        del host, layers, optimizers, step, run, info, batch
+    except Exception as err:  # noqa: BLE001  one failing row is reported; the others still run
+        row["error"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}"
+        row["traceback"] = traceback.format_exc(limit=8)[-3000:]
+    if mode == "compile":
+        torch._dynamo.reset()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return row
 
 
+def host_call_rows(args, device, backend: str, kernel: KernelOptions) -> list[dict]:
+    """Host time per seeded-layer call: a chain of CHAIN layers like the host's first seeded layer, 8 rows."""
+    host = build_host(args, torch.device("meta"), getattr(torch, args.dtype))
+    wrap(host.model, seeds_config(args, host.targets), kernel=kernel, backend=backend, base_seed=0)
+    first = next(iter(seeded_layers(host.model).values()))
+    rows = []
+    for variant in ("dormant", "third"):
+        chain = [
+            SeededLayer(
+                first.hidden, first.num_seeds, rank=first.bank.rank, act=first.act, backend=backend, kernel=kernel
+            ).to(device)
+            for _ in range(CHAIN)
+        ]
+        if variant == "third":
+            make_third({str(i): layer for i, layer in enumerate(chain)})
+        x = torch.randn(8, first.hidden, device=device, dtype=getattr(torch, args.dtype), requires_grad=True)
+        row = {"variant": variant, "hidden": first.hidden, "seeds": first.num_seeds, "rank": first.bank.rank}
+        time_calls(chain, 10, x)  # compile the kernels, prepare the calls
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            if not args.no_sync_check:
+                torch.cuda.set_sync_debug_mode("error")
+        try:
+            fwd, bwd = time_calls(chain, args.host_calls, x)
+            row.update(fwd_us=fwd, bwd_us=bwd, fwd_bwd_us=fwd + bwd, meets_target=fwd + bwd <= HOST_CALL_TARGET_US)
+            row["host_syncs"] = "none" if device.type == "cuda" and not args.no_sync_check else "not checked"
+        except RuntimeError as err:
+            row["host_syncs"] = describe_sync(err)
+        finally:
+            if device.type == "cuda":
+                torch.cuda.set_sync_debug_mode(0)
+                torch.cuda.synchronize()
+        rows.append(row)
+    return rows
+
+
 def add_overheads(rows: list[dict]) -> None:
-    base = {r["guard"]: r["median_ms"] for r in rows if r["variant"] == "baseline"}
+    base = {(r["mode"], r["guard"]): r.get("median_ms") for r in rows if r["variant"] == "baseline"}
     for r in rows:
-        r["overhead_pct"] = 100.0 * (r["median_ms"] / base[r["guard"]] - 1.0) if r["guard"] in base else None
-        r["target_pct"] = TARGET_PCT.get(r["variant"])
-        r["meets_target"] = None if r["target_pct"] is None else bool(r["overhead_pct"] <= r["target_pct"])
+        b = base.get((r["mode"], r["guard"]))
+        ok = b and r.get("median_ms")
+        r["overhead_pct"] = 100.0 * (r["median_ms"] / b - 1.0) if ok else None
+        r["target_pct"] = TARGET_PCT[r["mode"]].get(r["variant"])
+        met = r["target_pct"] is not None and r["overhead_pct"] is not None
+        r["meets_target"] = bool(r["overhead_pct"] <= r["target_pct"]) if met else None
 
 
-def print_table(rows: list[dict]) -> None:
-    head = f"{'variant':9s} {'guard':5s} {'median ms':>10s} {'min ms':>9s} {'overhead':>10s} {'target':>7s}  host_syncs"
+def print_table(rows: list[dict], calls: list[dict]) -> None:
+    head = (
+        f"{'mode':9s} {'variant':9s} {'guard':5s} {'median ms':>10s} {'device ms':>10s} {'overhead':>10s} "
+        f"{'target':>7s}  host_syncs"
+    )
     print(head)
     print("-" * len(head))
     for r in rows:
-        over = "" if r["variant"] == "baseline" else f"{r['overhead_pct']:+8.2f}%"
+        if "error" in r:
+            print(f"{r['mode']:9s} {r['variant']:9s} {'on' if r['guard'] else 'off':5s} ERROR {r['error']}")
+            continue
+        over = "" if r["overhead_pct"] is None or r["variant"] == "baseline" else f"{r['overhead_pct']:+8.2f}%"
         tgt = "" if r["target_pct"] is None else f"<={r['target_pct']:g}%"
+        dev = f"{r['device_ms']:10.3f}" if r.get("device_ms") else f"{'':10s}"
         print(
-            f"{r['variant']:9s} {'on' if r['guard'] else 'off':5s} {r['median_ms']:10.3f} {r['min_ms']:9.3f} "
+            f"{r['mode']:9s} {r['variant']:9s} {'on' if r['guard'] else 'off':5s} {r['median_ms']:10.3f} {dev} "
             f"{over:>10s} {tgt:>7s}  {r['host_syncs']}"
         )
     for r in rows:
         for site in r.get("sync_sites", []):
-            print(f"  sync in {r['variant']} (guard {'on' if r['guard'] else 'off'}): {site}")
+            print(f"  sync in {r['mode']} {r['variant']} (guard {'on' if r['guard'] else 'off'}): {site}")
+    for c in calls:
+        if "fwd_us" in c:
+            print(
+                f"host time per seeded-layer call ({c['variant']}, hidden {c['hidden']}, {c['seeds']} seeds): "
+                f"fwd {c['fwd_us']:.1f} us, bwd {c['bwd_us']:.1f} us, fwd+bwd {c['fwd_bwd_us']:.1f} us "
+                f"(target <= {HOST_CALL_TARGET_US:g}); host_syncs {c['host_syncs']}"
+            )
+        else:
+            print(f"host time per seeded-layer call ({c['variant']}): host_syncs {c['host_syncs']}")
 
 
 def version(package: str) -> str | None:
@@ -318,12 +417,17 @@ def version(package: str) -> str | None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--host", choices=("transformer", "mlp"), default="transformer")
+    ap.add_argument("--host", choices=("transformer", "mlp", "llama"), default="transformer")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--intermediate", type=int, default=0, help="llama: MLP width (default 4 x hidden)")
+    ap.add_argument("--heads", type=int, default=0, help="llama: attention heads (default hidden / 64)")
+    ap.add_argument("--vocab", type=int, default=32000, help="llama: vocabulary size")
+    ap.add_argument("--seq", type=int, default=2048, help="llama: sequence length (tokens / seq sequences)")
+    ap.add_argument("--targets", default=None, help="comma-separated seed targets (default per host)")
     ap.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default="bfloat16")
-    ap.add_argument("--seeds-per-layer", type=int, default=256, help="chunk = hidden / seeds (default 16)")
+    ap.add_argument("--seeds-per-layer", type=int, default=None, help="default: 256 (stack), 64 (llama)")
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--act", choices=("relu", "gelu_tanh"), default="relu")
     ap.add_argument("--rec-weight", type=float, default=1.0, help="train.rec_weight")
@@ -333,10 +437,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--dot-precision", default="tf32", help="KernelOptions.dot_precision")
     ap.add_argument("--lowrank-math", default=KernelOptions.lowrank_math, help="KernelOptions.lowrank_math")
     ap.add_argument("--no-overlap", action="store_true", help="KernelOptions(overlap=False): one stream")
-    ap.add_argument("--guard", action="store_true", help="also time every variant with the reliability guard on")
+    ap.add_argument("--guard", action="store_true", help="also time the eager variants with the reliability guard")
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
+    ap.add_argument("--modes", default=None, help=f"comma-separated subset of {','.join(MODES)} (default: eager)")
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--profile-steps", type=int, default=3, help="CUDA: steps profiled for the device time (0: off)")
+    ap.add_argument("--host-calls", type=int, default=100, help="passes of the host-call chain (0: off)")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--no-sync-check", action="store_true", help="time without set_sync_debug_mode('error')")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
@@ -344,8 +451,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     variants = args.variants.split(",")
     if not set(variants) <= set(VARIANTS) or "baseline" not in variants:
         ap.error(f"--variants must include baseline and be a subset of {list(VARIANTS)}, got {args.variants!r}")
+    args.modes = args.modes or "eager"
+    if not set(args.modes.split(",")) <= set(MODES):
+        ap.error(f"--modes must be a subset of {list(MODES)}, got {args.modes!r}")
     if args.warmup < 1 or args.steps < 1:
         ap.error("--warmup and --steps must be >= 1")
+    if args.seeds_per_layer is None:
+        args.seeds_per_layer = 64 if args.host == "llama" else 256
+    args.targets = args.targets.split(",") if args.targets else None
     return args
 
 
@@ -364,6 +477,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu"),
         "torch": torch.__version__,
         "triton": version("triton"),
+        "transformers": version("transformers"),
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "backend": backend,
@@ -372,20 +486,25 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"bench_step: {meta['device']}, torch {meta['torch']}, triton {meta['triton']}, backend {backend}", flush=True
     )
-    print(
-        f"host {args.host} x{args.layers}, hidden {args.hidden}, tokens {args.tokens}, {args.dtype}; "
-        f"{args.seeds_per_layer} lowrank seeds/layer (chunk {args.hidden // args.seeds_per_layer}, rank {args.rank})",
-        flush=True,
-    )
     rows = []
-    for guard in (False, True) if args.guard else (False,):
-        for variant in args.variants.split(","):
-            rows.append(run_variant(args, variant, guard, device, dtype, backend, kernel))
-            r = rows[-1]
-            print(f"  {variant} (guard {'on' if guard else 'off'}): median {r['median_ms']:.3f} ms", flush=True)
+    for mode in args.modes.split(","):
+        if mode == "cudagraph" and device.type != "cuda":
+            print("  cudagraph mode needs CUDA: skipped", flush=True)
+            continue
+        for guard in (False, True) if args.guard and mode == "eager" else (False,):
+            for variant in args.variants.split(","):
+                t0 = time.perf_counter()
+                rows.append(run_variant(args, mode, variant, guard, device, dtype, backend, kernel))
+                r = rows[-1]
+                took = time.perf_counter() - t0
+                what = f"median {r['median_ms']:.3f} ms" if "median_ms" in r else f"ERROR {r['error']}"
+                print(f"  {mode} {variant} (guard {'on' if guard else 'off'}): {what} ({took:.0f} s)", flush=True)
+    if rows and "host" in rows[0]:
+        print(rows[0]["host"])
+    calls = host_call_rows(args, device, backend, kernel) if args.host_calls else []
     add_overheads(rows)
-    print_table(rows)
-    result = {"meta": meta, "args": vars(args), "rows": rows}
+    print_table(rows, calls)
+    result = {"meta": meta, "args": vars(args), "rows": rows, "host_calls": calls}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

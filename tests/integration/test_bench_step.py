@@ -12,7 +12,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["--device", "cpu", "--hidden", "64", "--tokens", "16", "--layers", "2", "--seeds-per-layer", "4"]
-TINY += ["--rank", "16", "--warmup", "1", "--steps", "2", "--guard"]
+TINY += ["--rank", "16", "--warmup", "1", "--steps", "2", "--guard", "--host-calls", "2"]
+# A transformers Llama host, seeds on up_proj (width 256) and down_proj (width 64) of both decoder layers.
+LLAMA = ["--device", "cpu", "--host", "llama", "--hidden", "64", "--heads", "4", "--layers", "2", "--tokens", "32"]
+LLAMA += ["--seq", "16", "--vocab", "128", "--seeds-per-layer", "4", "--warmup", "1", "--steps", "2"]
+LLAMA += ["--host-calls", "0"]
 
 # Runs the script as __main__, then prints the forbidden top-level modules it pulled in.
 RUNNER = """
@@ -23,23 +27,29 @@ print("FORBIDDEN", sorted({m.split('.')[0] for m in sys.modules} & {"hydra", "om
 """
 
 
-def test_bench_step_cpu_tiny(tmp_path):
+def run_bench(tmp_path, argv: list[str]) -> tuple[subprocess.CompletedProcess, dict]:
     out = tmp_path / "bench_step.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
-        [sys.executable, "-c", RUNNER, str(ROOT / "scripts" / "bench_step.py"), *TINY, "--out", str(out)],
+        [sys.executable, "-c", RUNNER, str(ROOT / "scripts" / "bench_step.py"), *argv, "--out", str(out)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "FORBIDDEN []" in proc.stdout, proc.stdout
-    result = json.loads(out.read_text())
+    return proc, json.loads(out.read_text())
+
+
+def test_bench_step_cpu_tiny(tmp_path):
+    proc, result = run_bench(tmp_path, TINY)
     assert result["meta"]["torch"] == __import__("torch").__version__
     assert result["args"]["hidden"] == 64 and result["meta"]["backend"] == "reference"
     rows = result["rows"]
     assert [(r["variant"], r["guard"]) for r in rows] == [
         (v, g) for g in (False, True) for v in ("baseline", "dormant", "third")
     ]
+    assert {r["mode"] for r in rows} == {"eager"}
     for r in rows:
+        assert "error" not in r, r
         assert math.isfinite(r["median_ms"]) and r["median_ms"] > 0 and r["min_ms"] > 0, r
         assert r["host_syncs"] == "n/a (cpu)"
     by = {(r["variant"], r["guard"]): r for r in rows}
@@ -51,3 +61,16 @@ def test_bench_step_cpu_tiny(tmp_path):
     for v in ("dormant", "third"):
         assert math.isfinite(by[(v, False)]["overhead_pct"])
     assert "overhead" in proc.stdout and "host_syncs" in proc.stdout
+    calls = {c["variant"]: c for c in result["host_calls"]}
+    assert set(calls) == {"dormant", "third"} and calls["dormant"]["seeds"] == 4
+    assert all(c["fwd_us"] > 0 and c["bwd_us"] > 0 for c in calls.values())
+
+
+def test_bench_step_cpu_llama_host(tmp_path):
+    _, result = run_bench(tmp_path, [*LLAMA, "--variants", "baseline,dormant"])
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert "error" not in rows["dormant"], rows["dormant"]
+    assert "LlamaForCausalLM x2" in rows["dormant"]["host"]
+    assert rows["dormant"]["seeded_layers"] == 4  # up_proj and down_proj of both decoder layers
+    assert rows["dormant"]["stages"] == {"DORMANT": 16}
+    assert math.isfinite(rows["dormant"]["overhead_pct"])
