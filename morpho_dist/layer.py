@@ -133,6 +133,18 @@ class SeededLayer(nn.Module):
         self._idle_record = (self.stage, self.stage._version) if idle else None
         return idle
 
+    def __getstate__(self):
+        # rec_loss holds the last forward's graph, which neither deepcopy nor pickle can copy; the idle record
+        # holds a tensor version that the copy's stage tensor does not share. A copy starts without both.
+        state = dict(super().__getstate__())
+        state["rec_loss"] = None
+        state["_idle_record"] = None
+        return state
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        self.refresh_idle_record()
+
     def _apply(self, fn, recurse=True):
         # .to(), .cuda(), to_empty() ... put a new tensor in place of stage: read it again (a setup-time copy)
         out = super()._apply(fn, recurse)
