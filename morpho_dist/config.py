@@ -360,7 +360,7 @@ def validate_seeded_widths(cfg: Any) -> None:
     from morpho_dist.blueprints import LOWRANK_MIN_CHUNK
     from morpho_dist.data import input_spec
     from morpho_dist.models import build_model
-    from morpho_dist.wrap import find_targets
+    from morpho_dist.wrap import find_targets, seeded_width
 
     shape, classes = input_spec(cfg.data)
     with torch.device("meta"):  # shapes only: no memory, no draws from the RNG
@@ -378,7 +378,7 @@ def validate_seeded_widths(cfg: Any) -> None:
     n = cfg.seeds.per_layer
     for name in names:
         module = model.get_submodule(name)
-        width = getattr(module, "out_features", None) or module.out_channels
+        width = seeded_width(module)[0]
         if width % n:
             raise ConfigError(f"seeds.per_layer={n} does not divide the width {width} of seeded layer {name!r}")
         if cfg.seeds.kind == "lowrank" and width // n < LOWRANK_MIN_CHUNK:

@@ -70,7 +70,8 @@ class FossilizedSeed(nn.Module):
 
 class FossilizedOutput(nn.Module):
     """``original`` followed by its fossilized seeds, each rewriting its chunk of the feature dim
-    (``channel_dim``: -1 for Linear outputs, -3 for Conv2d's channels)."""
+    (``channel_dim``: -1 for Linear outputs, -3 for Conv2d's channels). The output keeps the original output's
+    strides; attributes it does not have are read from ``original``."""
 
     def __init__(self, original: nn.Module, seeds: list[FossilizedSeed], channel_dim: int = -1) -> None:
         super().__init__()
@@ -82,10 +83,41 @@ class FossilizedOutput(nn.Module):
         y = self.original(*args, **kwargs)
         moved = self.channel_dim != -1
         h = y.movedim(self.channel_dim, -1) if moved else y
-        out = h.clone()
+        out = h.clone(memory_format=torch.contiguous_format)
         for seed in self.seeds:
             out[..., seed.start : seed.end] = seed(h[..., seed.start : seed.end])
-        return out.movedim(-1, self.channel_dim) if moved else out
+        out = out.movedim(-1, self.channel_dim) if moved else out
+        return out if out.stride() == y.stride() else torch.empty_like(y).copy_(out)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules")
+            if name == "original" or not modules or "original" not in modules:
+                raise
+            return getattr(modules["original"], name)
 
     def extra_repr(self) -> str:
         return f"channel_dim={self.channel_dim}"
+
+
+class RefusedSavePretrained:
+    """Put in place of an exported model's ``save_pretrained``: its class would load the FossilizedOutput layers
+    it cannot represent as freshly initialised ones, so saving says so instead."""
+
+    def __init__(self, class_name: str, layers: list[str]) -> None:
+        self.class_name, self.layers = class_name, list(layers)
+
+    def __call__(self, *args, **kwargs):
+        raise ValueError(
+            f"save_pretrained cannot represent this exported {self.class_name}: layers {self.layers} carry fossilized "
+            "seeds that do not fold into their weights, and from_pretrained would load them re-initialised. Save the "
+            "grown (wrapped) model with morpho_dist.save_grown(model, path) and load it with "
+            "morpho_dist.load_grown(fresh_model, path)"
+        )
+
+
+def refuse_save_pretrained(model: nn.Module, layers: list[str]) -> None:
+    """Make ``model.save_pretrained`` (and push_to_hub, which calls it) raise, naming ``layers``."""
+    model.save_pretrained = RefusedSavePretrained(type(model).__name__, layers)

@@ -94,8 +94,13 @@ def test_unsupported_listed_target_and_bad_per_layer_and_double_wrap():
     with pytest.raises(ValueError, match="encoder.fc1"):
         wrap(Net(), cfg(["fc1"], per_layer=3, kind="diagonal"), backend="reference")
     model = make(["head"], kind="diagonal", per_layer=2)
-    with pytest.raises(ValueError, match="already wrapped"):
-        wrap(model, cfg(["conv1"]), backend="reference")
+    with pytest.raises(ValueError, match="'head' is already seeded"):
+        wrap(model, cfg(["head", "conv1"]), backend="reference")
+    assert list(seeded_layers(model)) == ["head"]  # the refused call changed nothing
+    wrap(model, cfg(r".*1"), backend="reference")  # a second kind elsewhere; the regex skips the seeded internals
+    layers = seeded_layers(model)
+    assert list(layers) == ["conv1", "encoder.fc1", "encoder.xfc1", "head"]
+    assert [layers[k].kind for k in layers] == ["lowrank", "lowrank", "lowrank", "diagonal"]
 
 
 def test_seeded_layers_in_module_order_with_features():
@@ -160,7 +165,12 @@ def test_export_equals_wrapped_eval_with_idle_and_fossilized_seeds(kind, per_lay
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert not seeded_layers(plain) and seeded_layers(model)  # a copy; the wrapped model is untouched
     n_fossil = sum(isinstance(m, FossilizedSeed) for m in plain.modules())
-    assert n_fossil == (4 if per_layer > 1 else 3)
+    # diagonal additive / linear seeds fold into the weights: only fc1's multiplicative seed stays a module
+    assert n_fossil == (1 if kind == "diagonal" else 3)
+    unmerged = export(model, merge=False)
+    assert sum(isinstance(m, FossilizedSeed) for m in unmerged.modules()) == (4 if per_layer > 1 else 3)
+    with torch.no_grad():
+        torch.testing.assert_close(unmerged(x), want, rtol=1e-5, atol=1e-5)
     assert all(not p.requires_grad for m in plain.modules() if isinstance(m, FossilizedSeed) for p in m.parameters())
     # the fossilized seeds matter: without them the output differs
     with torch.no_grad():
@@ -181,7 +191,7 @@ def test_export_drops_non_fossilized_seeds():
     _set(head, 1, Stage.FINE_TUNING, 1.0, 2)
     model.eval()
     x = torch.randn(3, 3, 8, 8)
-    with torch.no_grad():
+    with torch.no_grad(), pytest.warns(UserWarning, match=r"'encoder\.fc1\[1\]', 'head\[0\]', 'head\[1\]'") as warned:
         plain = export(model)
         blended = model(x)
         got = plain(x)
@@ -190,8 +200,9 @@ def test_export_drops_non_fossilized_seeds():
         want = model(x)
     assert not torch.allclose(got, blended, atol=1e-4)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    assert sum(isinstance(m, FossilizedSeed) for m in plain.modules()) == 1
-    assert isinstance(plain.head, nn.Linear)  # no fossilized seed: the original module itself
+    assert len(warned) == 1
+    assert sum(isinstance(m, FossilizedSeed) for m in plain.modules()) == 0  # fc1's additive seed is folded
+    assert isinstance(plain.head, nn.Linear) and isinstance(plain.encoder.fc1, nn.Linear)
 
 
 def test_export_modules_import_torch_only():
@@ -234,3 +245,78 @@ def test_exported_model_runs_without_triton_or_morpho_dist_runtime(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "ok" in out.stdout
+
+
+@pytest.mark.parametrize("form", ["dict", "dataclass", "omegaconf", "structured", "namespace"])
+def test_wrap_takes_dict_dataclass_and_omegaconf(form):
+    from omegaconf import OmegaConf
+
+    from morpho_dist.config import SeedsConfig
+
+    keys = dict(targets=["fc1", "head"], exclude=["xfc1"], per_layer=2, kind="diagonal", rank=4, blend="linear")
+    seeds = {
+        "dict": lambda: dict(keys),
+        "dataclass": lambda: SeedsConfig(**keys),
+        "omegaconf": lambda: OmegaConf.create(keys),
+        "structured": lambda: OmegaConf.structured(SeedsConfig(**keys)),
+        "namespace": lambda: SimpleNamespace(**keys),
+    }[form]()
+    model = wrap(Net(), seeds, backend="reference")
+    layers = seeded_layers(model)
+    assert list(layers) == ["encoder.fc1", "head"]
+    assert all(layer.num_seeds == 2 and layer.kind == "diagonal" for layer in layers.values())
+    assert all(layer.blend.tolist() == [2, 2] for layer in layers.values())  # linear = 2
+
+
+def test_wrap_bad_keys_name_the_key_and_change_nothing():
+    model = Net()
+    for bad, match in (
+        (dict(targets=["fc1"], per_layr=2), r"seeds\.per_layr is not a seeds key"),
+        (dict(targets=["fc1"], per_layer=0), r"seeds\.per_layer=0 must be an integer >= 1"),
+        (dict(targets=["fc1"], rank="4"), r"seeds\.rank='4'"),
+        (dict(per_layer=2), r"seeds\.targets is required"),
+        (dict(targets=["fc1"], kind="dense"), r"kind='dense'.*allowed values"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            wrap(model, bad, backend="reference")
+        assert not seeded_layers(model)
+    assert wrap(model, dict(targets=["fc1"], enabled=False)) is model and not seeded_layers(model)
+
+
+def test_wrap_defaults_are_the_seeds_schema_defaults():
+    import dataclasses
+
+    from morpho_dist.config import SeedsConfig
+    from morpho_dist.wrap import SEEDS_DEFAULTS
+
+    fields = {f.name: f for f in dataclasses.fields(SeedsConfig)}
+    assert set(SEEDS_DEFAULTS) == set(fields)
+    for key, value in SEEDS_DEFAULTS.items():
+        f = fields[key]
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        if isinstance(default, str) and default.startswith("${"):
+            continue  # interpolated from another group (model.seed_targets, grafting.blend)
+        assert value == default or (value is None and default == []), key
+
+
+def test_export_and_pickle_after_forward_and_backward(tmp_path):
+    model = make(["conv1", "fc1"], kind="lowrank", per_layer=1)
+    x = torch.randn(2, 3, 8, 8)
+    loss = model(x).sum() + sum(layer.rec_loss for layer in seeded_layers(model).values())
+    loss.backward()  # the layers keep this forward's rec_loss, with its graph
+    assert all(layer.rec_loss is not None for layer in seeded_layers(model).values())
+    plain = export(model)
+    torch.save(model, tmp_path / "wrapped.pt")  # pickling the wrapped model works too
+    back = torch.load(tmp_path / "wrapped.pt", weights_only=False)
+    assert all(layer.rec_loss is None and layer.known_idle() for layer in seeded_layers(back).values())
+    model.eval()
+    back.eval()
+    with torch.no_grad():
+        assert torch.equal(plain(x), model(x)) and torch.equal(back(x), model(x))
+
+
+def test_seeded_output_reads_the_original_modules_attributes():
+    model = make(["head"], kind="diagonal", per_layer=2)
+    assert model.head.weight is model.head.original.weight and model.head.out_features == 10
+    with pytest.raises(AttributeError):
+        model.head.no_such_attribute  # noqa: B018
