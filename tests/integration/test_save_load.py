@@ -1,0 +1,258 @@
+"""Save a grown model and load it into a FRESH instance of its own class, with its outputs (issue 23, point 5).
+
+Models the project does not ship (a transformers Llama and GPT-2 from small configs, random init; a convnet
+written here) grow seeds through the lifecycle commands in a hand-written loop: foldable ones (diagonal,
+additive / linear blend: merged into the weights) and ones that stay as adapters (diagonal multiplicative,
+lowrank). A fresh instance plus the saved files gives the grown model's eval outputs within 1e-6 (fp32); where
+everything merged, the exported state_dict loads with strict=True and no adapter file is written.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import morpho_dist
+from morpho_dist import commands
+from morpho_dist.export_modules import FossilizedOutput
+from morpho_dist.grown import ADAPTER_FILE, WEIGHTS_FILE
+from morpho_dist.lifecycle import Stage
+from morpho_dist.wrap import seeded_layers, wrap
+
+transformers = pytest.importorskip("transformers")
+
+TOL = 1e-6
+
+
+class ConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 32, 3, padding=1)
+        self.fc = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.head(torch.relu(self.fc(h.mean((2, 3)))))
+
+
+def llama(**overrides):
+    cfg = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=32)  # fmt: skip
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**cfg, **overrides}))
+
+
+def gpt2():
+    cfg = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def _outputs(model, x):
+    out = model(x)
+    return out.logits if hasattr(out, "logits") else out
+
+
+# name -> (make a fresh model, a batch, a loss of the outputs, diagonal targets, lowrank targets)
+def _tokens(seed):
+    return torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(seed))
+
+
+MODELS = {
+    "llama": (
+        lambda: llama(mlp_bias=True),
+        _tokens,
+        lambda out, x: nn.functional.cross_entropy(out[:, :-1].reshape(-1, 64), x[:, 1:].reshape(-1)),
+        ["mlp.up_proj"],
+        ["mlp.down_proj"],
+    ),
+    "gpt2": (
+        gpt2,
+        _tokens,
+        lambda out, x: nn.functional.cross_entropy(out[:, :-1].reshape(-1, 64), x[:, 1:].reshape(-1)),
+        ["mlp.c_fc"],
+        ["attn.c_proj"],
+    ),
+    "convnet": (
+        ConvNet,
+        lambda seed: torch.randn(6, 3, 8, 8, generator=torch.Generator().manual_seed(seed)),
+        lambda out, x: (out**2).mean(),
+        ["conv1", "fc"],
+        ["conv2"],
+    ),
+}
+
+
+def grow(model, make_batch, loss_fn, plan: dict[str, list[str | None]], steps_per_stage: int = 2):
+    """Take the seeds named in ``plan`` (layer -> a blend per seed, None: stays DORMANT) through GERMINATED ..
+    FOSSILIZED with the lifecycle commands, training host and banks in between; returns the step count."""
+    layers = seeded_layers(model)
+    opt = torch.optim.Adam(model.parameters(), lr=2e-2)
+    step = 0
+
+    def train(n):
+        nonlocal step
+        for _ in range(n):
+            x = make_batch(step)
+            loss = loss_fn(_outputs(model, x), x)
+            loss = loss + sum(layer.rec_loss for layer in layers.values())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            commands.tick_(layers)
+            step += 1
+
+    chosen = [(layers[name], i, b) for name, blends in plan.items() for i, b in enumerate(blends) if b is not None]
+    for layer, i, blend in chosen:
+        commands.germinate(layer, i, step, blend)
+        commands.advance(layer, i, step)  # -> TRAINING
+    train(steps_per_stage)
+    for layer, i, _ in chosen:
+        commands.advance(layer, i, step)  # -> GRAFTING
+    for alpha in (0.3, 0.6, 0.9):  # the ramp, as a schedule would move it
+        for layer, i, _ in chosen:
+            layer.alpha[i] = alpha
+        train(1)
+    for layer, i, _ in chosen:
+        for _ in range(3):  # -> STABILIZATION -> EVALUATING -> FINE_TUNING
+            commands.advance(layer, i, step)
+    train(steps_per_stage)
+    for layer, i, _ in chosen:
+        assert commands.advance(layer, i, step) == Stage.FOSSILIZED
+    return step
+
+
+def grown_model(name: str, mixed: bool):
+    """A grown model: with ``mixed``, fossilized seeds of both kinds (merged: diagonal additive and linear; adapter:
+    diagonal multiplicative and lowrank), else only merged ones."""
+    make, make_batch, loss_fn, diagonal, lowrank = MODELS[name]
+    torch.manual_seed(0)
+    model = make()
+    wrap(model, dict(targets=diagonal, per_layer=4, kind="diagonal"), backend="reference")
+    if mixed:
+        wrap(model, dict(targets=lowrank, per_layer=2, kind="lowrank", rank=4), backend="reference")
+    plan = {}
+    for key, layer in seeded_layers(model).items():
+        if layer.kind == "diagonal":
+            plan[key] = ["additive", "multiplicative" if mixed else "linear", None, "linear"]
+        else:
+            plan[key] = ["additive", None]
+    grow(model, make_batch, loss_fn, plan)
+    model.eval()
+    return model, make, make_batch
+
+
+def _max_diff(a, b):
+    return float((a - b).abs().max())
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_save_grown_load_grown_into_a_fresh_instance(name, tmp_path):
+    model, make, make_batch = grown_model(name, mixed=True)
+    layers = seeded_layers(model)
+    stages = {k: layer.stages() for k, layer in layers.items()}
+    assert sum(s.count(Stage.FOSSILIZED) for s in stages.values()) >= 5
+    x = make_batch(1000)
+    with torch.no_grad():
+        want = _outputs(model, x)
+        host = _outputs(morpho_dist.export(model, merge=False).apply(_strip_seeds), x)
+    assert _max_diff(want, host) > 1e-3  # the grown seeds change the outputs
+
+    morpho_dist.save_grown(model, tmp_path)
+    assert (tmp_path / ADAPTER_FILE).exists()
+    torch.manual_seed(123)  # a fresh instance: other weights
+    fresh = make().eval()
+    morpho_dist.load_grown(fresh, tmp_path)
+    with torch.no_grad():
+        got = _outputs(fresh, x)
+    assert _max_diff(got, want) <= TOL
+    adapters = {n for n, m in fresh.named_modules() if isinstance(m, FossilizedOutput)}
+    kinds = {layers[n].kind for n in adapters}
+    assert kinds == {"diagonal", "lowrank"}  # multiplicative diagonal seeds and lowrank ones stay adapters
+    folded = [n for n, layer in layers.items() if layer.kind == "diagonal"]
+    for n in folded:  # their additive / linear seeds were merged: the adapter keeps the multiplicative seed only
+        seeds = fresh.get_submodule(n).seeds
+        assert [(s.start, s.end, s.blend) for s in seeds] == [(layers[n].chunk, 2 * layers[n].chunk, 1)]
+
+
+def _strip_seeds(module):
+    """export(..., merge=False) keeps every fossilized seed as FossilizedOutput: drop them (the plain host)."""
+    for name, child in list(module.named_children()):
+        if isinstance(child, FossilizedOutput):
+            setattr(module, name, child.original)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_merged_model_loads_strictly_into_a_fresh_instance(name, tmp_path):
+    model, make, make_batch = grown_model(name, mixed=False)
+    x = make_batch(1000)
+    with torch.no_grad():
+        want = _outputs(model, x)
+    plain = morpho_dist.export(model)
+    assert not any(isinstance(m, FossilizedOutput) for m in plain.modules())  # everything merged
+    fresh = make().eval()
+    fresh.load_state_dict(plain.state_dict(), strict=True)
+    with torch.no_grad():
+        assert _max_diff(_outputs(fresh, x), want) <= TOL
+    morpho_dist.save_grown(model, tmp_path)
+    assert (tmp_path / WEIGHTS_FILE).exists() and not (tmp_path / ADAPTER_FILE).exists()
+
+
+def test_hf_save_pretrained_from_pretrained_and_the_loader(tmp_path):
+    """The transformers path: save_pretrained files, from_pretrained into the class, then load_grown."""
+    model, _, make_batch = grown_model("llama", mixed=True)
+    x = make_batch(1000)
+    with torch.no_grad():
+        want = _outputs(model, x)
+    exported = morpho_dist.export(model)
+    with pytest.raises(ValueError, match=r"save_pretrained cannot represent .*morpho_dist\.save_grown"):
+        exported.save_pretrained(tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()
+
+    morpho_dist.save_grown(model, tmp_path / "grown")  # a transformers model: its own save_pretrained files
+    assert (tmp_path / "grown" / "config.json").exists()
+    fresh = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "grown").eval()
+    morpho_dist.load_grown(fresh, tmp_path / "grown")
+    with torch.no_grad():
+        assert _max_diff(_outputs(fresh, x), want) <= TOL
+
+    merged, _, _ = grown_model("gpt2", mixed=False)  # all merged: plain save_pretrained / from_pretrained suffice
+    with torch.no_grad():
+        want = _outputs(merged, x)
+    morpho_dist.export(merged).save_pretrained(tmp_path / "merged")
+    fresh = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        assert _max_diff(_outputs(fresh, x), want) <= TOL
+
+
+def test_standard_llama_without_biases_keeps_shifted_seeds_as_adapters(tmp_path):
+    """Llama's projections have no bias: an additive seed's shift cannot fold, so it is saved as an adapter."""
+    torch.manual_seed(0)
+    model = llama()
+    wrap(model, dict(targets=["mlp.up_proj"], per_layer=2, kind="diagonal"), backend="reference")
+    grow(model, _tokens, MODELS["llama"][2], {k: ["additive", None] for k in seeded_layers(model)})
+    model.eval()
+    x = _tokens(1000)
+    with torch.no_grad():
+        want = _outputs(model, x)
+    morpho_dist.save_grown(model, tmp_path)
+    fresh = morpho_dist.load_grown(llama().eval(), tmp_path)
+    assert sum(isinstance(m, FossilizedOutput) for m in fresh.modules()) == 2
+    with torch.no_grad():
+        assert _max_diff(_outputs(fresh, x), want) <= TOL
+
+
+def test_load_grown_refuses_another_class_and_changes_nothing(tmp_path):
+    model, _, _ = grown_model("convnet", mixed=True)
+    morpho_dist.save_grown(model, tmp_path)
+    other = nn.Sequential(nn.Linear(3, 4))
+    before = {k: v.clone() for k, v in other.state_dict().items()}
+    with pytest.raises(ValueError, match="has no module 'conv1'"):
+        morpho_dist.load_grown(other, tmp_path)
+    assert all(torch.equal(v, before[k]) for k, v in other.state_dict().items())
+    fresh = morpho_dist.load_grown(ConvNet(), tmp_path)
+    with pytest.raises(ValueError, match="already carries loaded seeds"):
+        morpho_dist.load_grown(fresh, tmp_path)
+    with pytest.raises(ValueError, match="holds neither"):
+        morpho_dist.load_grown(ConvNet(), tmp_path / "missing")
