@@ -486,7 +486,17 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"bench_step: {meta['device']}, torch {meta['torch']}, triton {meta['triton']}, backend {backend}", flush=True
     )
-    rows = []
+    rows: list[dict] = []
+    calls: list[dict] = []
+
+    def write() -> None:  # after every row: a run cut short by a time limit still leaves what it measured
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"meta": meta, "args": vars(args), "rows": rows, "host_calls": calls}, f, indent=1)
+
+    if args.host_calls:  # first: a few seconds, and the figure a time limit must not cut
+        calls.extend(host_call_rows(args, device, backend, kernel))
+        write()
     for mode in args.modes.split(","):
         if mode == "cudagraph" and device.type != "cuda":
             print("  cudagraph mode needs CUDA: skipped", flush=True)
@@ -499,17 +509,15 @@ def main(argv: list[str] | None = None) -> dict:
                 took = time.perf_counter() - t0
                 what = f"median {r['median_ms']:.3f} ms" if "median_ms" in r else f"ERROR {r['error']}"
                 print(f"  {mode} {variant} (guard {'on' if guard else 'off'}): {what} ({took:.0f} s)", flush=True)
+                add_overheads(rows)
+                write()
     if rows and "host" in rows[0]:
         print(rows[0]["host"])
-    calls = host_call_rows(args, device, backend, kernel) if args.host_calls else []
-    add_overheads(rows)
     print_table(rows, calls)
-    result = {"meta": meta, "args": vars(args), "rows": rows, "host_calls": calls}
+    write()
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
         print(f"wrote {args.out}")
-    return result
+    return {"meta": meta, "args": vars(args), "rows": rows, "host_calls": calls}
 
 
 if __name__ == "__main__":

@@ -11,18 +11,24 @@ import torch
 
 import morpho_dist.ops.prepared as prepared
 import morpho_dist.ops.validation as validation
+from morpho_dist.kernels.options import KernelOptions
 from morpho_dist.layer import SeededLayer
 from morpho_dist.lifecycle import Stage
 from morpho_dist.ops import seeded
 
-pytestmark = pytest.mark.skipif(
-    os.environ.get("TRITON_INTERPRET", "0") != "1", reason="CPU kernels need TRITON_INTERPRET=1"
-)
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+needs_interpreter = pytest.mark.skipif(not INTERPRET, reason="CPU kernels need TRITON_INTERPRET=1")
+DEVICES = [
+    pytest.param("cpu", marks=needs_interpreter),
+    pytest.param(
+        "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(INTERPRET, reason="native GPU run needs TRITON_INTERPRET=0")]
+    ),
+]
 
 
-def make_layer(live: bool) -> SeededLayer:
+def make_layer(live: bool, device: str = "cpu") -> SeededLayer:
     torch.manual_seed(0)
-    layer = SeededLayer(64, 4, rank=4, backend="triton").train()
+    layer = SeededLayer(64, 4, rank=4, backend="triton").to(device).train()
     if live:  # seed 1 GRAFTING (additive), seed 2 TRAINING (linear: rec_loss), seeds 0 and 3 DORMANT
         layer.germinate(1, step=0)
         layer.germinate(2, step=0, blend="linear")
@@ -46,15 +52,17 @@ def count_checks(monkeypatch) -> list:
     return calls
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("live", [False, True], ids=["dormant", "live"])
-def test_prepared_calls_match_the_checked_op_bit_for_bit(live):
-    layer = make_layer(live)
+def test_prepared_calls_match_the_checked_op_bit_for_bit(live, device):
+    layer = make_layer(live, device)
+    layer.kernel = KernelOptions(deterministic=True)  # telemetry without float atomics: bit-identical run to run
     assert layer.known_idle() is not live
     gen = torch.Generator().manual_seed(3)
     tel = layer.telemetry.clone()
     for step in range(3):
-        x = torch.randn(2, 5, 64, generator=gen)
-        dy = torch.randn(2, 5, 64, generator=gen)
+        x = torch.randn(2, 5, 64, generator=gen).to(device)
+        dy = torch.randn(2, 5, 64, generator=gen).to(device)
         xa = x.clone().requires_grad_()
         y = layer(xa)
         (torch.sum(y * dy) + 0.7 * layer.rec_loss).backward()
@@ -63,7 +71,7 @@ def test_prepared_calls_match_the_checked_op_bit_for_bit(live):
         xb = x.clone().requires_grad_()
         want, rec = seeded(
             xb, layer.stage, layer.blend, layer.alpha, p0, p1, tel, kind="lowrank", backend="triton",
-            all_idle=not live,
+            options=layer.kernel, all_idle=not live,
         )  # fmt: skip
         (torch.sum(want * dy) + 0.7 * rec).backward()
         assert torch.equal(y, want) and torch.equal(layer.rec_loss, rec), step
@@ -75,6 +83,7 @@ def test_prepared_calls_match_the_checked_op_bit_for_bit(live):
         assert float(layer.rec_loss.detach()) > 0.0 and (layer.bank.p0.grad is None)
 
 
+@needs_interpreter
 def test_a_call_is_checked_once_and_again_when_its_kind_changes(monkeypatch):
     checks = count_checks(monkeypatch)
     layer = make_layer(live=False)
@@ -102,6 +111,7 @@ def test_a_call_is_checked_once_and_again_when_its_kind_changes(monkeypatch):
     assert len(checks) == 7
 
 
+@needs_interpreter
 def test_a_bad_input_is_refused_after_good_calls():
     layer = make_layer(live=False)
     layer(torch.randn(4, 64))
@@ -111,6 +121,7 @@ def test_a_bad_input_is_refused_after_good_calls():
         layer(torch.ones(4, 64, dtype=torch.long))
 
 
+@needs_interpreter
 def test_a_replaced_parameter_is_checked_again(monkeypatch):
     checks = count_checks(monkeypatch)
     layer = make_layer(live=False)
@@ -123,6 +134,7 @@ def test_a_replaced_parameter_is_checked_again(monkeypatch):
     assert len(checks) == 2
 
 
+@needs_interpreter
 def test_calls_under_the_reference_backend_are_not_prepared(monkeypatch):
     layer = SeededLayer(64, 4, rank=4, backend="reference")
     layer(torch.randn(3, 64))
