@@ -33,8 +33,11 @@ class SeedOptimizer:
         betas=(0.9, 0.999),
         momentum: float = 0.9,
         eps: float = 1e-8,
+        fused: bool | None = None,
     ) -> None:
         self.layers, self.name, self.lr, self.eps = dict(layers), name, float(lr), eps
+        # fused: one kernel launch per layer (kernels.seed_optim) instead of ~30 ops; None: on CUDA banks
+        self.fused = fused
         self.beta1, self.beta2 = float(betas[0]), float(betas[1])
         self.momentum = float(momentum)
         self.state: dict[str, dict[str, torch.Tensor]] = {}
@@ -62,7 +65,12 @@ class SeedOptimizer:
     def step(self, ok: torch.Tensor | None = None) -> None:
         """One update of the trainable seeds; ``ok`` (a 0-d bool on the device): when False nothing moves."""
         for key, layer in self.layers.items():
+            if layer.known_idle():  # idle stages only: no seed is trainable, the update would change nothing
+                continue
             st = self.state[key]
+            if self._fusable(layer, ok):
+                self._fused_step(layer, st, ok)
+                continue
             mask = torch.isin(layer.stage.long(), self._ids[key])
             if ok is not None:
                 mask = mask & ok
@@ -87,6 +95,31 @@ class SeedOptimizer:
                     bc2 = (1 - self.beta2**t).view(shape)
                     update = (m / bc1) / ((v / bc2).sqrt() + self.eps)
                 p.sub_(torch.where(m_, self.lr * update, torch.zeros((), device=p.device)))
+
+    def _fusable(self, layer: SeededLayer, ok: torch.Tensor | None) -> bool:
+        banks = (layer.bank.p0, layer.bank.p1)
+        if not (self.fused or (self.fused is None and banks[0].is_cuda)):
+            return False
+        plain = all(
+            type(p.data) is torch.Tensor and p.grad is not None and type(p.grad) is torch.Tensor for p in banks
+        )  # not DTensors
+        return (
+            plain
+            and all(t.dtype == torch.float32 and t.is_contiguous() for p in banks for t in (p, p.grad))
+            and (ok is None or (ok.numel() == 1 and ok.device == banks[0].device))
+        )
+
+    def _fused_step(self, layer: SeededLayer, st: dict[str, torch.Tensor], ok: torch.Tensor | None) -> None:
+        from morpho_dist.kernels.seed_optim import seed_step_
+
+        banks = tuple(
+            (p, p.grad, st[f"m_{name}"], st.get(f"v_{name}"))
+            for name, p in (("p0", layer.bank.p0), ("p1", layer.bank.p1))
+        )
+        seed_step_(
+            layer.stage, ok, st["t"], banks, sgd=self.name == "sgd", lr=self.lr, beta1=self.beta1, beta2=self.beta2,
+            eps=self.eps, momentum=self.momentum,
+        )  # fmt: skip
 
     @torch.no_grad()
     def reset_seed(self, layer_key: str, index: int) -> None:
