@@ -136,4 +136,4 @@ def tick_(layers: Iterable[SeededLayer] | Mapping[str, SeededLayer]) -> None:
     """Once per optimizer step: steps_in_stage += 1 for every non-DORMANT seed (device ops only, no sync)."""
     items = layers.values() if isinstance(layers, Mapping) else layers
     for layer in items:
-        layer.steps_in_stage.add_((layer.stage != int(Stage.DORMANT)).to(layer.steps_in_stage.dtype))
+        layer.steps_in_stage.add_(layer.stage != int(Stage.DORMANT))  # bool adds as 0/1: no cast launch

@@ -75,6 +75,8 @@ class AlphaSchedule:
     @torch.no_grad()
     def step_(self, layer: SeededLayer) -> None:
         """alpha = clamp(alpha + alpha_rate, 0, 1) for GRAFTING seeds; device ops only."""
+        if layer.known_idle():  # no GRAFTING seed: nothing to move, no launches
+            return
         grafting = layer.stage == int(Stage.GRAFTING)
         moved = torch.clamp(layer.alpha + layer.alpha_rate, 0.0, 1.0)
         layer.alpha.copy_(torch.where(grafting, moved, layer.alpha))
@@ -112,7 +114,7 @@ class FixedRamp(AlphaSchedule):
 
     @torch.no_grad()
     def step_(self, layer: SeededLayer) -> None:
-        if self.shape == "linear":
+        if self.shape == "linear" or layer.known_idle():
             return super().step_(layer)
         grafting = layer.stage == int(Stage.GRAFTING)
         frac = torch.clamp((layer.steps_in_stage.to(torch.float32) + 1.0) / self.ramp_steps, 0.0, 1.0)
