@@ -112,9 +112,10 @@ def hydra_app(cfg: DictConfig) -> None:
         env = read_env()
         _die(f"rank {env.rank}: {err}" if env.distributed else str(err), EXIT_FAULT)
     if read_env().is_main:
+        shown = [f"{k}={summary[k]:.4f}" for k in ("val_acc", "val_loss", "val_bpb") if summary.get(k) is not None]
         print(
-            f"val_acc={summary['val_acc']:.4f} val_loss={summary['val_loss']:.4f} "
-            f"stages={ {k: v for k, v in summary['stage_counts'].items() if v} } run_dir={summary['run_dir']}"
+            " ".join(shown) + f" stages={ {k: v for k, v in summary['stage_counts'].items() if v} } "
+            f"run_dir={summary['run_dir']}"
         )
 
 

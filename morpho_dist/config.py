@@ -26,6 +26,7 @@ from morpho_dist.schedules import SCHEDULES, ScheduleConfig
 class MLPConfig:
     """A linear embedding (the seeded point) followed by a narrow ReLU core: capacity is deliberately short."""
 
+    _target_: str = "morpho_dist.models.MLP"
     name: str = "mlp"
     embed: int = 32  # width of the linear input embedding (0: none)
     hidden: list[int] = field(default_factory=lambda: [4])
@@ -35,6 +36,7 @@ class MLPConfig:
 
 @dataclass
 class CNNConfig:
+    _target_: str = "morpho_dist.models.CNN"
     name: str = "cnn"
     channels: list[int] = field(default_factory=lambda: [32, 32])
     hidden: int = 32
@@ -43,6 +45,7 @@ class CNNConfig:
 
 @dataclass
 class TransformerConfig:
+    _target_: str = "morpho_dist.models.Transformer"
     name: str = "transformer"
     d_model: int = 32
     heads: int = 2
@@ -53,13 +56,52 @@ class TransformerConfig:
 
 
 @dataclass
+class GPTConfig:
+    """A decoder-only transformer (morpho_dist.gpt); vocab_size and seq_len come from the data."""
+
+    _target_: str = "morpho_dist.models.GPT"
+    name: str = "gpt"
+    width: int = 64
+    depth: int = 2
+    heads: int = 4
+    mlp_width: int = 128
+    mlp: str = "gelu"  # gelu | swiglu
+    seed_targets: Any = field(default_factory=lambda: ["mlp.fc1"])
+
+
+@dataclass
+class HFLlamaConfig:
+    """transformers' LlamaForCausalLM from a LlamaConfig (both nested _target_s; transformers is optional)."""
+
+    _target_: str = "transformers.LlamaForCausalLM"
+    name: str = "hf_llama"
+    config: Any = field(
+        default_factory=lambda: {
+            "_target_": "transformers.LlamaConfig",
+            "vocab_size": 256,  # bytes
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 4,
+            "max_position_embeddings": "${oc.select:data.seq_len,2048}",
+            "use_cache": False,
+            "tie_word_embeddings": True,
+        }
+    )
+    seed_targets: Any = field(default_factory=lambda: ["mlp.up_proj"])
+
+
+@dataclass
 class DigitsConfig:
+    _target_: str = "morpho_dist.data.load_digits_data"
     name: str = "digits"
     val_fraction: float = 0.2
 
 
 @dataclass
 class SyntheticConfig:
+    _target_: str = "morpho_dist.data.load_synthetic_data"
     name: str = "synthetic"
     samples: int = 4096
     features: int = 64
@@ -70,9 +112,40 @@ class SyntheticConfig:
 
 @dataclass
 class Cifar10Config:
+    _target_: str = "morpho_dist.data.load_cifar10_data"
     name: str = "cifar10"
     root: str = "data/cifar-10-batches-py"
     val_fraction: float = 0.0  # 0: the standard test_batch is the validation set
+
+
+@dataclass
+class TextConfig:
+    """The byte-level corpus of the interpreter's standard library sources (morpho_dist.corpus)."""
+
+    _target_: str = "morpho_dist.corpus.stdlib_text"
+    name: str = "text"
+    seq_len: int = 128
+    val_fraction: float = 0.05  # share of files (by path hash) in the validation split
+    max_bytes: int = 0  # cap on the corpus size (0: every file)
+    val_windows: int = 64  # fixed validation windows of seq_len tokens
+    cache_dir: str | None = None  # token files; None: $MORPHO_CACHE or ~/.cache/morpho_dist
+
+
+@dataclass
+class ClassificationTaskConfig:
+    """Cross-entropy over [B, K] logits; validation loss and accuracy (morpho_dist.task)."""
+
+    _target_: str = "morpho_dist.task.ClassificationTask"
+    name: str = "classification"
+
+
+@dataclass
+class CausalLMTaskConfig:
+    """Next-token cross-entropy over [B, T, V] logits; validation loss and bits per byte."""
+
+    _target_: str = "morpho_dist.task.CausalLMTask"
+    name: str = "causal_lm"
+    bytes_per_token: float = 1.0
 
 
 @dataclass
@@ -187,6 +260,7 @@ class Config:
     run_dir: str | None = None  # set by the CLI from Hydra's run dir; in-process callers may set it
     model: Any = MISSING
     data: Any = MISSING
+    task: Any = MISSING
     seeds: SeedsConfig = field(default_factory=SeedsConfig)
     grafting: GraftingConfig = field(default_factory=GraftingConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -204,9 +278,14 @@ SCHEMAS: dict[str, Any] = {
     "model/mlp": MLPConfig,
     "model/cnn": CNNConfig,
     "model/transformer": TransformerConfig,
+    "model/gpt": GPTConfig,
+    "model/hf_llama": HFLlamaConfig,
     "data/digits": DigitsConfig,
     "data/synthetic": SyntheticConfig,
     "data/cifar10": Cifar10Config,
+    "data/text": TextConfig,
+    "task/classification": ClassificationTaskConfig,
+    "task/causal_lm": CausalLMTaskConfig,
     "seeds/seeds": SeedsConfig,
     "grafting/grafting": GraftingConfig,
     "schedule/schedule": ScheduleConfig,
@@ -219,12 +298,20 @@ SCHEMAS: dict[str, Any] = {
 }
 
 
+def steps_fraction(fraction: Any, _root_: Any = None) -> int:
+    """``${steps:0.05}``: 5% of train.steps as a whole number of steps (at least 1), so that dwell times and
+    budgets scale with the run length."""
+    steps = int(_root_.train.steps)
+    return max(1, int(round(float(fraction) * steps)))
+
+
 def register_configs() -> None:
     """Store every schema in Hydra's ConfigStore (idempotent): the root as ``base_config``, the groups' schemas
     under ``schema/<group>`` (kept out of the groups themselves so that Hydra's list of options stays clean);
     each option yaml of conf/ names its schema first in its defaults list."""
     from morpho_dist.controller import ControllerConfig
 
+    OmegaConf.register_new_resolver("steps", steps_fraction, replace=True)
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     for path, node in {**SCHEMAS, "controller/controller": ControllerConfig}.items():
@@ -234,8 +321,6 @@ def register_configs() -> None:
 
 # ---- value validation ------------------------------------------------------------------------------------------
 CHOICES = {
-    "model.name": ("mlp", "cnn", "transformer"),
-    "data.name": ("digits", "synthetic", "cifar10"),
     "seeds.kind": ("lowrank", "diagonal"),
     "seeds.act": ("relu", "gelu_tanh"),
     "seeds.blend": BLEND_NAMES,
@@ -292,10 +377,17 @@ def _is_pow2(v: Any) -> bool:
     return isinstance(v, int) and v > 0 and v & (v - 1) == 0
 
 
+def _schema_target(schema: Any) -> Any:
+    return next((f.default for f in dataclasses.fields(schema) if f.name == "_target_"), None)
+
+
 def check_known_keys(cfg: Any, prefix: str = "") -> None:
-    """Keys added with ``+key=value`` that no schema declares are refused too."""
+    """Keys added with ``+key=value`` that no schema declares are refused too. A node whose ``_target_`` is not
+    its schema's own (a user's class) is checked against that callable's signature when it is built instead
+    (morpho_dist.targets)."""
     schema = OmegaConf.get_type(cfg)
-    if dataclasses.is_dataclass(schema):
+    own_target = dataclasses.is_dataclass(schema) and cfg.get("_target_", None) == _schema_target(schema)
+    if dataclasses.is_dataclass(schema) and (own_target or _schema_target(schema) is None):
         known = {f.name for f in dataclasses.fields(schema)}
         for key in cfg:
             if key not in known:
@@ -342,15 +434,38 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"schedule.grad_lo={cfg.schedule.grad_lo} must be <= schedule.grad_hi")
     if cfg.sharding.seed_degree < 0:
         raise ConfigError(f"sharding.seed_degree={cfg.sharding.seed_degree} must be >= 0")
-    if cfg.model.name == "cnn" and cfg.sharding.mode != "data":
+    from morpho_dist.targets import locate_target
+
+    for group in ("model", "data", "task"):
+        if not cfg[group].get("_target_", None):
+            raise ConfigError(f"{group}._target_ is not set (pick a {group}=<option> or set {group}._target_)")
+        locate_target(cfg[group], group)  # importable, or one line naming <group>._target_
+    if cfg.model._target_ == CNNConfig._target_ and cfg.sharding.mode != "data":
         raise ConfigError(
             f"sharding.mode={cfg.sharding.mode!r}: model=cnn supports sharding=data only (seed and hybrid sharding "
             "need Linear host layers around each seeded point: use model=mlp or model=transformer)"
         )
-    if cfg.model.name == "cnn" and cfg.data.name == "synthetic":
-        raise ConfigError("model=cnn needs image data; data.name='synthetic' is flat (use data=digits or cifar10)")
+    if cfg.model._target_ == CNNConfig._target_ and cfg.data._target_ == SyntheticConfig._target_:
+        raise ConfigError("model=cnn needs image data; data=synthetic is flat (use data=digits or cifar10)")
+    validate_task_data(cfg)
     if cfg.seeds.enabled:
         validate_seeded_widths(cfg)
+
+
+def validate_task_data(cfg: Any) -> None:
+    """The task must fit the data's kind (class labels vs token streams)."""
+    from morpho_dist.data import data_spec
+    from morpho_dist.task import build_task
+
+    task = build_task(cfg.task)
+    kind = data_spec(cfg.data, int(cfg.seed)).kind
+    if task.data_kind is not None and task.data_kind != kind:
+        need = {"labelled": "labelled data (data=digits, synthetic, cifar10)", "tokens": "token data (data=text)"}
+        fits = {"labelled": "task=classification", "tokens": "task=causal_lm"}[kind]
+        raise ConfigError(
+            f"task={task.name} needs {need[task.data_kind]}; data={cfg.data.get('name', cfg.data._target_)} gives "
+            f"{kind}: use {fits}"
+        )
 
 
 def validate_seeded_widths(cfg: Any) -> None:
@@ -358,13 +473,13 @@ def validate_seeded_widths(cfg: Any) -> None:
     import torch
 
     from morpho_dist.blueprints import LOWRANK_MIN_CHUNK
-    from morpho_dist.data import input_spec
+    from morpho_dist.data import data_spec
     from morpho_dist.models import build_model
     from morpho_dist.wrap import find_targets, seeded_width
 
-    shape, classes = input_spec(cfg.data)
+    spec = data_spec(cfg.data, int(cfg.seed))
     with torch.device("meta"):  # shapes only: no memory, no draws from the RNG
-        model = build_model(cfg.model, shape, classes)
+        model = build_model(cfg.model, spec)
     targets = cfg.seeds.targets
     if not isinstance(targets, str):
         targets = list(targets)
@@ -372,7 +487,8 @@ def validate_seeded_widths(cfg: Any) -> None:
         names = find_targets(model, targets, list(cfg.seeds.exclude))
     except ValueError as err:
         raise ConfigError(
-            f"seeds.targets={targets!r} matches no seedable module of model={cfg.model.name}; "
+            f"seeds.targets={targets!r} matches no seedable module of model={cfg.model.get('name', '')} "
+            f"({cfg.model._target_}); "
             f"{str(err).split('; ')[-1]}"
         ) from None
     n = cfg.seeds.per_layer

@@ -1,10 +1,17 @@
 """Host models. Their module names are what ``seeds.targets`` point at (defaults: ``model.seed_targets``).
 
+Every ``model`` option is a ``_target_`` built by ``build_model`` (rules in morpho_dist.targets); the data's
+``input_shape``, ``in_features``, ``num_classes``, ``vocab_size`` and ``seq_len`` reach the constructors that
+name them. Built in:
+
 - ``mlp``: optional linear embedding ``embed`` (the default seeded point), then ReLU layers ``fc1, fc2, ...``,
   then ``head``. The default is deliberately narrow (64 -> 32 -> 4 -> 10): capacity is short.
 - ``cnn``: ``convs.0, convs.1, ...`` (3x3 conv, ReLU, 2x2 max-pool), then ``fc`` and ``head``.
 - ``transformer``: a small pre-norm encoder over tokens (image rows, or ``token_dim`` slices of a flat input);
   seeds on ``blocks.<i>.mlp.fc1``.
+- ``gpt``: a decoder-only language model (morpho_dist.gpt); seeds on the MLP hidden layer ``blocks.<i>.mlp.fc1``.
+- ``hf_llama``: ``transformers.LlamaForCausalLM`` from a ``LlamaConfig`` (nested ``_target_``s in
+  conf/model/hf_llama.yaml); seeds on ``mlp.up_proj``.
 """
 
 from __future__ import annotations
@@ -16,13 +23,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from morpho_dist.data import DataSpec
 from morpho_dist.errors import ConfigError
+from morpho_dist.gpt import GPT  # noqa: F401  (built-in targets are reachable as morpho_dist.models.*)
 
 ACTS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh}
 
 
 class MLP(nn.Module):
-    def __init__(self, in_features: int, classes: int, embed: int, hidden: list[int], act: str = "relu") -> None:
+    def __init__(
+        self, in_features: int, num_classes: int, embed: int = 32, hidden: list[int] = (4,), act: str = "relu"
+    ) -> None:
         super().__init__()
         if act not in ACTS:
             raise ConfigError(f"model.act={act!r} is not known; allowed values: {list(ACTS)}")
@@ -34,7 +45,7 @@ class MLP(nn.Module):
             setattr(self, f"fc{i}", nn.Linear(width, h))
             width = h
         self.act = ACTS[act]()
-        self.head = nn.Linear(width, classes)
+        self.head = nn.Linear(width, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.flatten(1)
@@ -46,11 +57,13 @@ class MLP(nn.Module):
 
 
 class CNN(nn.Module):
-    def __init__(self, in_shape: tuple[int, ...], classes: int, channels: list[int], hidden: int) -> None:
+    def __init__(
+        self, input_shape: tuple[int, ...], num_classes: int, channels: list[int] = (32, 32), hidden: int = 32
+    ) -> None:
         super().__init__()
-        if len(in_shape) != 3:
-            raise ConfigError(f"model=cnn needs image inputs [C, H, W]; this data has shape {list(in_shape)}")
-        c, h, w = in_shape
+        if len(input_shape) != 3:
+            raise ConfigError(f"model=cnn needs image inputs [C, H, W]; this data has shape {list(input_shape)}")
+        c, h, w = input_shape
         convs = []
         for ch in channels:
             convs.append(nn.Conv2d(c, ch, kernel_size=3, padding=1))
@@ -58,7 +71,7 @@ class CNN(nn.Module):
         self.convs = nn.ModuleList(convs)
         self.pool_to = 2 if min(h, w) >= 2 else 1
         self.fc = nn.Linear(c * self.pool_to**2, hidden)
-        self.head = nn.Linear(hidden, classes)
+        self.head = nn.Linear(hidden, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for conv in self.convs:
@@ -94,23 +107,32 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, in_shape: tuple[int, ...], classes: int, cfg: Any) -> None:
+    def __init__(
+        self,
+        input_shape: tuple[int, ...],
+        num_classes: int,
+        d_model: int = 32,
+        heads: int = 2,
+        layers: int = 2,
+        mlp_hidden: int = 64,
+        token_dim: int = 8,
+    ) -> None:
         super().__init__()
-        if len(in_shape) == 3:  # image: one token per row
-            c, h, w = in_shape
+        if len(input_shape) == 3:  # image: one token per row
+            c, h, w = input_shape
             self.tokens, self.token_dim = h, c * w
         else:
-            flat = math.prod(in_shape)
-            if flat % cfg.token_dim:
-                raise ConfigError(f"model.token_dim={cfg.token_dim} must divide the input size {flat}")
-            self.tokens, self.token_dim = flat // cfg.token_dim, int(cfg.token_dim)
-        if cfg.d_model % cfg.heads:
-            raise ConfigError(f"model.heads={cfg.heads} must divide model.d_model={cfg.d_model}")
-        self.embed = nn.Linear(self.token_dim, cfg.d_model)
-        self.pos = nn.Parameter(torch.randn(1, self.tokens, cfg.d_model) * 0.02)
-        self.blocks = nn.ModuleList(Block(cfg.d_model, cfg.heads, cfg.mlp_hidden) for _ in range(cfg.layers))
-        self.norm = nn.LayerNorm(cfg.d_model)
-        self.head = nn.Linear(cfg.d_model, classes)
+            flat = math.prod(input_shape)
+            if flat % token_dim:
+                raise ConfigError(f"model.token_dim={token_dim} must divide the input size {flat}")
+            self.tokens, self.token_dim = flat // token_dim, int(token_dim)
+        if d_model % heads:
+            raise ConfigError(f"model.heads={heads} must divide model.d_model={d_model}")
+        self.embed = nn.Linear(self.token_dim, d_model)
+        self.pos = nn.Parameter(torch.randn(1, self.tokens, d_model) * 0.02)
+        self.blocks = nn.ModuleList(Block(d_model, heads, mlp_hidden) for _ in range(layers))
+        self.norm = nn.LayerNorm(d_model)
+        self.head = nn.Linear(d_model, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 4:  # [B, C, H, W] -> [B, H, C*W]
@@ -123,16 +145,15 @@ class Transformer(nn.Module):
         return self.head(self.norm(h).mean(1))
 
 
-def build_model(model_cfg: Any, input_shape: tuple[int, ...], classes: int) -> nn.Module:
-    """The host named by ``model_cfg.name`` for inputs of ``input_shape`` (parameters drawn from torch's RNG)."""
-    name = model_cfg.name
-    if name == "mlp":
-        return MLP(math.prod(input_shape), classes, int(model_cfg.embed), list(model_cfg.hidden), model_cfg.act)
-    if name == "cnn":
-        return CNN(tuple(input_shape), classes, list(model_cfg.channels), int(model_cfg.hidden))
-    if name == "transformer":
-        return Transformer(tuple(input_shape), classes, model_cfg)
-    raise ConfigError(f"model.name={name!r} is not known; allowed values: ['mlp', 'cnn', 'transformer']")
+def build_model(model_cfg: Any, spec: DataSpec) -> nn.Module:
+    """The host of a ``model`` config node (its ``_target_``) for data of ``spec`` (parameters drawn from torch's
+    RNG, on the current default device)."""
+    from morpho_dist.targets import instantiate_target
+
+    model = instantiate_target(model_cfg, "model", spec.model_arguments())
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model._target_={model_cfg._target_!r} built a {type(model).__name__}, not an nn.Module")
+    return model
 
 
 def seed_tp_plan(model: nn.Module, targets: list[str]) -> dict[str, str]:
@@ -148,7 +169,7 @@ def seed_tp_plan(model: nn.Module, targets: list[str]) -> dict[str, str]:
         chain = (["embed"] if model.embed is not None else []) + [f"fc{i}" for i in range(1, model.depth + 1)]
         chain.append("head")
         follow = dict(zip(chain, chain[1:]))
-    elif isinstance(model, Transformer):
+    elif isinstance(model, (Transformer, GPT)) and getattr(model, "mlp_kind", "gelu") == "gelu":
         follow = {f"blocks.{i}.mlp.fc1": f"blocks.{i}.mlp.fc2" for i in range(len(model.blocks))}
     else:
         raise ConfigError(f"{type(model).__name__} has no seed-sharding plan; use sharding=data")

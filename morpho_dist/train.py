@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
@@ -31,7 +30,7 @@ from morpho_dist import checkpoint
 from morpho_dist.commands import local_index, owns, tick_
 from morpho_dist.config import validate
 from morpho_dist.controller import Controller, apply_decisions, measure_counterfactuals
-from morpho_dist.data import ShardedBatches, load_dataset, val_subset
+from morpho_dist.data import load_dataset
 from morpho_dist.distributed import (
     DistEnv,
     Mesh,
@@ -41,6 +40,7 @@ from morpho_dist.distributed import (
     shared_run_dir,
     wrap_ddp,
 )
+from morpho_dist.flops import FlopMeter, Throughput, measure_host
 from morpho_dist.kernels.options import KernelOptions
 from morpho_dist.layer import with_rec_losses
 from morpho_dist.lifecycle import Stage
@@ -60,8 +60,9 @@ from morpho_dist.reliability import (
 from morpho_dist.schedules import HostSignals, make_schedule
 from morpho_dist.sharding import host_square_sums, named_host_parameters, shard_model, snapshot_host
 from morpho_dist.summary import build_summary, gather_ranks, global_stages, stage_counts
+from morpho_dist.task import build_task
 from morpho_dist.telemetry import build_report
-from morpho_dist.wrap import seeded_layers, wrap
+from morpho_dist.wrap import find_targets, seeded_layers, wrap
 
 
 def kernel_options(kernel_cfg: Any) -> KernelOptions:
@@ -80,20 +81,6 @@ def resolve_run_dir(cfg: Any, env: DistEnv) -> str:
     return str(cfg.run_dir) if cfg.run_dir else shared_run_dir(env)
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 4096) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) in eval mode (SeededLayers collect no telemetry there)."""
-    was_training = model.training
-    model.eval()
-    loss, correct = 0.0, 0
-    for i in range(0, len(y), batch):
-        logits = model(x[i : i + batch])
-        loss += float(F.cross_entropy(logits, y[i : i + batch], reduction="sum"))
-        correct += int((logits.argmax(1) == y[i : i + batch]).sum())
-    model.train(was_training)
-    return loss / len(y), correct / len(y)
-
-
 def run(cfg: Any, record: dict | None = None) -> dict:
     """Train as configured; returns the summary (also written to <run_dir>/summary.json by rank 0).
     ``record`` (tests): filled with this rank's per-step losses, per-interval telemetry tables and decisions."""
@@ -108,9 +95,14 @@ def build(cfg: Any, env: DistEnv, device: torch.device) -> dict:
     """Mesh, data, sharded model, DDP, optimizers, controller: everything a run (or a test) starts from."""
     mesh = Mesh.from_config(cfg.sharding, env, device)
     seed_everything(int(cfg.seed))
-    data = load_dataset(cfg.data, int(cfg.seed)).to(device)
-    model = build_model(cfg.model, data.input_shape, data.num_classes).to(device)
+    data = load_dataset(cfg.data, int(cfg.seed))
+    batch_size, seed = int(cfg.train.batch_size), int(cfg.seed)
+    stream = data.stream(batch_size, seed=seed, rank=mesh.dp_rank, world_size=mesh.dp, device=device)
+    model = build_model(cfg.model, data.spec).to(device)
     host_param_count = count_params(model)
+    targets = cfg.seeds.targets if isinstance(cfg.seeds.targets, str) else list(cfg.seeds.targets)
+    seeded_names = find_targets(model, targets, list(cfg.seeds.exclude)) if cfg.seeds.enabled else []
+    host_flops, seeded_rows = measure_host(model, stream.batch(0)[0], seeded_names)
     if cfg.seeds.enabled:
         wrap(model, cfg.seeds, kernel=kernel_options(cfg.kernel), backend=cfg.kernel.backend, base_seed=int(cfg.seed))
     plan = shard_model(model, mesh)
@@ -121,6 +113,9 @@ def build(cfg: Any, env: DistEnv, device: torch.device) -> dict:
     return {
         "mesh": mesh,
         "data": data,
+        "stream": stream,
+        "task": build_task(cfg.task),
+        "flops": FlopMeter.for_layers(host_flops, seeded_rows, layers),
         "model": model,
         "ddp": ddp,
         "layers": layers,
@@ -137,7 +132,8 @@ def build(cfg: Any, env: DistEnv, device: torch.device) -> dict:
 def _run(cfg: Any, env: DistEnv, device: torch.device, record: dict | None) -> dict:
     t0 = time.time()
     b = build(cfg, env, device)
-    mesh, data, model, ddp, layers = b["mesh"], b["data"], b["model"], b["ddp"], b["layers"]
+    mesh, stream, task, model, ddp, layers = b["mesh"], b["stream"], b["task"], b["model"], b["ddp"], b["layers"]
+    data = b["data"]
     host_named, optimizers, controller = b["host_named"], b["optimizers"], b["controller"]
     run_dir = resolve_run_dir(cfg, env)
     schedule = make_schedule(cfg.schedule)
@@ -150,6 +146,7 @@ def _run(cfg: Any, env: DistEnv, device: torch.device, record: dict | None) -> d
     def restore(path: str) -> int:
         at, extra = checkpoint.load(path, controller=controller, prev_host=prev_host, **ckpt)
         monitor.load_state_dict(extra.get("reliability"))
+        b["flops"].load_state_dict(extra.get("flops") or {})
         guard.reset()
         return at
 
@@ -160,11 +157,9 @@ def _run(cfg: Any, env: DistEnv, device: torch.device, record: dict | None) -> d
     resume_from = checkpoint.resolve_resume(resume, run_dir)
     if resume_from is not None:
         start = restore(resume_from)
-    batches = ShardedBatches(
-        len(data.y_train), int(cfg.train.batch_size), seed=int(cfg.seed), rank=mesh.dp_rank, world_size=mesh.dp
-    )
-    x_cf, y_cf = val_subset(data, int(cfg.train.eval_batch))
-    val_loss_fn = lambda: evaluate(model, x_cf, y_cf)[0]  # noqa: E731  same val batch on every rank
+    cf_batches = stream.val(int(cfg.train.eval_batch))
+    val_loss_fn = lambda: task.evaluate(model, cf_batches)["loss"]  # noqa: E731  same val batch on every rank
+    flops, speed = b["flops"], Throughput(device, cfg.train.batch_size, data.spec)
     log = make_run_log(
         cfg.logger,
         run_dir,
@@ -189,9 +184,9 @@ def _run(cfg: Any, env: DistEnv, device: torch.device, record: dict | None) -> d
         done = step + 1
         model.train()
         guard.before_forward(done)
-        idx = batches.indices(step).to(device)
-        logits = ddp(data.x_train[idx])
-        loss = hook("loss", step, F.cross_entropy(logits, data.y_train[idx]))
+        x, y = stream.batch(step)
+        output = ddp(x)
+        loss = hook("loss", step, task.loss(output, y))
         total = with_rec_losses(loss, layers.values(), rec_weight)
         optimizers.zero_grad()
         total.backward()
@@ -203,6 +198,7 @@ def _run(cfg: Any, env: DistEnv, device: torch.device, record: dict | None) -> d
         for layer in layers.values():
             schedule.step_(layer)
         tick_(layers)
+        flops.step(stages)
         if record is not None:
             losses.append((done, loss.detach()))
 
@@ -219,26 +215,32 @@ def _run(cfg: Any, env: DistEnv, device: torch.device, record: dict | None) -> d
                 step = _roll_back(done, diverged, blending, run_dir, monitor, restore, layers, optimizers, log, bar)
                 continue
         if log_every and (done % log_every == 0 or done == steps) and evaluates:
-            val_loss, val_acc = evaluate(model, data.x_val, data.y_val)
-            acc = float((logits.argmax(1) == data.y_train[idx]).float().mean())
-            metrics = {"train/loss": float(loss.detach()), "train/acc": acc, "val/loss": val_loss, "val/acc": val_acc}
+            metrics = {"train/loss": float(loss.detach())}
+            metrics.update({f"train/{k}": v for k, v in task.train_metrics(output, y).items()})
+            metrics.update(speed.metrics(done, flops))
+            with speed.paused():
+                metrics.update({f"val/{k}": v for k, v in task.evaluate(model, stream.val()).items()})
             if layers:
                 metrics.update({f"stages/{k}": v for k, v in stage_counts(stages).items() if v})
             log.metrics(done, metrics)
-            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", val_acc=f"{val_acc:.3f}")
+            shown = {k: f"{v:.3f}" for k, v in metrics.items() if k in ("val/loss", "val/acc", "val/bpb")}
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}", **{k.replace("/", "_"): v for k, v in shown.items()})
         save_now = (ckpt_every and done % ckpt_every == 0) or (done == steps and cfg.checkpoint.save_final)
         if save_now:
             path = checkpoint.checkpoint_path(run_dir, done)
-            extra = {"reliability": monitor.state_dict()}
+            extra = {"reliability": monitor.state_dict(), "flops": flops.state_dict()}
             keep = int(cfg.checkpoint.keep)
             checkpoint.save(path, step=done, controller=controller, prev_host=prev_host, extra=extra, keep=keep, **ckpt)
         bar.update(1)
         step = done
     bar.close()
 
-    val_loss, val_acc = evaluate(model, data.x_val, data.y_val)
+    val = task.evaluate(model, stream.val())
     ranks = gather_ranks(layers, mesh, optimizers)
+    val_loss, val_acc = val["loss"], val.get("acc")
     summary = build_summary(ranks, layers, val_loss=val_loss, val_acc=val_acc, loss=loss, steps=steps, env=env)
+    summary.update({f"val_{k}": v for k, v in val.items() if k not in ("loss", "acc")})
+    summary.update(speed.summary(steps - start, flops), task=task.name, data=data.spec.kind)
     summary.update(
         sharding=mesh.mode,
         mesh={"dp": mesh.dp, "seed": mesh.seed},
