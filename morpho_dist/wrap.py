@@ -68,9 +68,10 @@ def _dense(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
 class SeededOutput(nn.Module):
     """``seeded(original(x))``: the original module untouched, then its output's seed population.
 
-    The output keeps the original output's strides and the gradient reaches the original module in that layout
-    too (channels_last stays channels_last, channels-first contiguous), so that with every seed idle the model
-    computes exactly what it computes unwrapped, forward and backward. Attributes it does not have are read
+    The output keeps the original output's strides, and where the features are not the output's contiguous last
+    dim the gradient reaches the original module in that layout too (channels_last stays channels_last,
+    channels-first contiguous), so that with every seed idle the model computes exactly what it computes
+    unwrapped, forward and backward. Attributes it does not have are read
     from ``original`` (``model.lm_head.weight`` still works)."""
 
     def __init__(self, original: nn.Module, seeded: SeededLayer, channel_dim: int = -1) -> None:
@@ -82,6 +83,8 @@ class SeededOutput(nn.Module):
     def forward(self, *args, **kwargs):
         y = self.original(*args, **kwargs)
         dim = self.channel_dim
+        if dim == -1 and y.is_contiguous():  # the op's own layout (Linear, Conv1D): nothing to move, no copies
+            return self.seeded(y)
         out = self.seeded(_FeaturesLast.apply(y, dim) if y.requires_grad else y.movedim(dim, -1).contiguous())
         out = out.movedim(-1, dim)
         if out.stride() != y.stride():

@@ -225,3 +225,37 @@ def test_tied_weights_are_not_folded():
     x = torch.randn(3, 16)
     with torch.no_grad():
         torch.testing.assert_close(plain(x), tied.eval()(x), rtol=0, atol=1e-6)
+
+
+def _hf_models():
+    transformers = pytest.importorskip("transformers")
+    llama = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    gpt2 = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32)
+    return {
+        "llama": (lambda: transformers.LlamaForCausalLM(llama), r".*(proj|lm_head)", r".*mlp\..*"),
+        "gpt2": (lambda: transformers.GPT2LMHeadModel(gpt2), r".*(c_attn|c_proj|c_fc|lm_head)", r".*mlp\..*"),
+    }
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_idle_transformers_models_are_bit_identical(name):
+    """Every projection of a transformers Llama / GPT-2 seeded (diagonal; lowrank on the MLPs), every seed idle:
+    logits and every host gradient are torch.equal to the unwrapped model's (dropout drawing the same masks)."""
+    make, everything, mlp = _hf_models()[name]
+    torch.manual_seed(0)
+    host = make()
+    wrapped = copy.deepcopy(host)
+    wrap(wrapped, dict(targets=everything, exclude=mlp, per_layer=2, kind="diagonal"), backend="reference")
+    wrap(wrapped, dict(targets=mlp, per_layer=2, kind="lowrank", rank=4), backend="reference")
+    assert len(seeded_layers(wrapped)) == (15 if name == "llama" else 9)
+    tokens = torch.randint(0, 64, (3, 10), generator=torch.Generator().manual_seed(1))
+    results = []
+    for model in (host, wrapped):
+        torch.manual_seed(2)
+        logits = model(tokens).logits
+        logits.backward(torch.randn(logits.shape, generator=torch.Generator().manual_seed(3)))
+        results.append((logits, [p.grad for n, p in model.named_parameters() if ".bank." not in n]))
+    (y0, g0), (y1, g1) = results
+    assert torch.equal(y0, y1) and len(g0) == len(g1)
+    assert all(torch.equal(a, b) for a, b in zip(g0, g1))
