@@ -2,13 +2,12 @@
 
 Targeting follows peft: ``targets`` as a list matches a module name exactly or as a '.'-bounded suffix
 (``"fc1"`` matches ``"encoder.fc1"``, not ``"encoder.xfc1"``); as a string it is a regular expression that
-must match the whole name. ``exclude`` uses the same rules and wins over ``targets``. Supported targets:
-nn.Linear (features = out_features, last dim) and nn.Conv1d/2d/3d (channels = out_channels, moved to the last
-dim for the op and back).
+must match the whole name. ``exclude`` uses the same rules and wins over ``targets``. Target types and how
+their output's features are found (and folded) are in morpho_dist.layer_types (register_layer_type for more).
 
-    model = wrap(model, cfg.seeds, backend="reference")
+    model = wrap(model, dict(targets=["fc1"], per_layer=4), backend="reference")
     layers = seeded_layers(model)          # {"fc1": SeededLayer, ...}
-    plain = export(model)                  # fossilized seeds baked in as ordinary modules
+    plain = export(model)                  # fossilized seeds merged into the weights or kept as plain modules
     model = unwrap(model)                  # the original modules, untouched
 """
 
