@@ -5,5 +5,7 @@ set -euo pipefail
 NPROC="${1:?usage: launch/cpu.sh NPROC [hydra overrides...]}"
 shift
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-exec python -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m morpho_dist.train \
-  train.device=cpu "$@"
+# how this run was launched, for the resume command printed on an interrupt
+export MORPHO_LAUNCH_CMD="${MORPHO_LAUNCH_CMD:-bash launch/cpu.sh $NPROC}" MORPHO_LAUNCH_ADDED="train.device=cpu"
+# morpho_dist.torchrun: torchrun with one line per failure and morpho_dist's exit codes
+exec python -m morpho_dist.torchrun --standalone --nproc_per_node="$NPROC" train.device=cpu "$@"

@@ -5,5 +5,5 @@
 set -euo pipefail
 NGPU="${1:?usage: launch/gpus.sh NGPU [hydra overrides...]}"
 shift
-exec python -m torch.distributed.run --standalone --nproc_per_node="$NGPU" -m morpho_dist.train \
-  train.device=cuda "$@"
+export MORPHO_LAUNCH_CMD="${MORPHO_LAUNCH_CMD:-bash launch/gpus.sh $NGPU}" MORPHO_LAUNCH_ADDED="train.device=cuda"
+exec python -m morpho_dist.torchrun --standalone --nproc_per_node="$NGPU" train.device=cuda "$@"

@@ -9,6 +9,6 @@ ENDPOINT="${3:?usage: launch/multinode.sh NNODES NPROC_PER_NODE HOST:PORT [hydra
 shift 3
 # Every rank must use one run dir: on a shared filesystem, pick it here (same on all nodes) unless given.
 export MORPHO_RUN_DIR="${MORPHO_RUN_DIR:-outputs/${RUN_ID:-multinode}}"
-exec python -m torch.distributed.run --nnodes="$NNODES" --nproc_per_node="$NPROC" \
-  --rdzv_backend=c10d --rdzv_endpoint="$ENDPOINT" --rdzv_id="${RUN_ID:-morpho}" \
-  -m morpho_dist.train "$@"
+export MORPHO_LAUNCH_CMD="${MORPHO_LAUNCH_CMD:-bash launch/multinode.sh $NNODES $NPROC $ENDPOINT}"
+exec python -m morpho_dist.torchrun --nnodes="$NNODES" --nproc_per_node="$NPROC" \
+  --rdzv_backend=c10d --rdzv_endpoint="$ENDPOINT" --rdzv_id="${RUN_ID:-morpho}" "$@"

@@ -31,8 +31,9 @@ import pickle
 import random
 import re
 import shutil
+import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -40,6 +41,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
+from morpho_dist.errors import ConfigError
 from morpho_dist.kernels.layout import F_ABSMAX
 from morpho_dist.sharding import global_view, seed_view
 from morpho_dist.telemetry import grad_field_scale
@@ -119,29 +121,84 @@ def latest_checkpoint(run_dir: str, max_step: int | None = None) -> str | None:
     return found[-1][1] if found else None
 
 
-def resolve_resume(resume: str | None, run_dir: str) -> str | None:
-    """checkpoint.resume -> a validated checkpoint directory or None. ``auto``: this run dir's latest complete
-    one (None if there is none); a checkpoint directory: itself; a run directory: its latest (error if none).
-    A corrupt one is an error naming it (never silently skipped: pass an older one explicitly)."""
+def _marker(path: str) -> dict:
+    try:
+        with open(os.path.join(path, MARKER)) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return {}
+
+
+def find_auto_resume(run_dir: str, root: str, fits: Callable[[dict], bool] | None = None) -> str | None:
+    """``checkpoint.resume=auto``: the newest complete checkpoint of this run dir (a restart, a relaunch into the
+    same dir), else of the newest run under ``root`` (by its newest checkpoint's write time) whose checkpoint
+    ``fits`` this config (a predicate over its marker); None when there is none."""
+    own = latest_checkpoint(run_dir)
+    if own is not None:
+        return own
+    found = []
+    for marker in glob.glob(os.path.join(glob.escape(root), "**", CKPT_DIR, "step_*", MARKER), recursive=True):
+        path = os.path.dirname(marker)
+        if is_checkpoint(path) and _STEP_RE.search(path) and (fits is None or fits(_marker(path))):
+            found.append((os.path.getmtime(marker), int(_STEP_RE.search(path).group(1)), path))
+    return max(found)[2] if found else None
+
+
+def outputs_root(run_dir: str) -> str:
+    """Where ``auto`` looks for earlier runs: Hydra's ``outputs/`` when the run dir lies under it (the default
+    ``outputs/<date>/<time>``), else the run dir's parent."""
+    run_dir = os.path.abspath(run_dir)
+    default = os.path.abspath("outputs")
+    if run_dir.startswith(default + os.sep):
+        return default
+    return os.path.dirname(run_dir)
+
+
+def resolve_resume(
+    resume: str | None,
+    run_dir: str,
+    *,
+    steps: int | None = None,
+    fits: Callable[[dict], bool] | None = None,
+    announce: bool = False,
+) -> str | None:
+    """checkpoint.resume -> a validated checkpoint directory or None.
+
+    ``auto``: see ``find_auto_resume`` (None: start fresh); with ``announce`` one line says which checkpoint it
+    took, or that it starts fresh. A checkpoint directory: itself; a run directory: its latest. Errors are one
+    line naming ``checkpoint.resume`` (``CheckpointError``): no such checkpoint, an incomplete or corrupt one
+    (never silently skipped; the hint names the newest complete one older than it), or one past ``steps``
+    (``ConfigError``)."""
     if resume in (None, "", "null"):
         return None
     if resume == "auto":
-        found = latest_checkpoint(run_dir)
+        found = find_auto_resume(run_dir, outputs_root(run_dir), fits)
+        if announce:
+            root = os.path.relpath(outputs_root(run_dir))
+            said = f"resuming from {found}" if found else f"no complete checkpoint that fits this config under {root}"
+            print(f"checkpoint.resume=auto: {said}{'' if found else '; starting fresh'}", file=sys.stderr)
     elif os.path.isdir(resume) and (is_checkpoint(resume) or _STEP_RE.search(os.path.normpath(resume))):
         found = resume
     elif os.path.isdir(resume):
         found = latest_checkpoint(resume)
         if found is None:
-            raise FileNotFoundError(f"checkpoint.resume={resume!r}: no {CKPT_DIR}/step_*/ checkpoint in that directory")
+            raise CheckpointError(f"checkpoint.resume={resume!r}: no complete {CKPT_DIR}/step_*/ checkpoint there")
     else:
-        raise FileNotFoundError(f"checkpoint.resume={resume!r}: no such checkpoint or run directory")
-    if found is not None:
-        try:
-            validate(found)
-        except CheckpointError as err:
-            older = [p for _, p in list_checkpoints(os.path.dirname(os.path.dirname(found))) if p != found]
-            hint = f"; the previous complete checkpoint is {older[-1]!r}" if older else ""
-            raise CheckpointError(f"checkpoint.resume={resume!r}: {err}{hint}") from None
+        raise CheckpointError(f"checkpoint.resume={resume!r}: no such checkpoint or run directory")
+    if found is None:
+        return None
+    try:
+        meta = validate(found)
+    except CheckpointError as err:
+        step = int(_STEP_RE.search(os.path.normpath(found)).group(1)) if _STEP_RE.search(found) else None
+        older = [p for s, p in list_checkpoints(os.path.dirname(os.path.dirname(found))) if step is None or s < step]
+        hint = f"; the newest complete checkpoint before it is {older[-1]!r}" if older else ""
+        raise CheckpointError(f"checkpoint.resume={resume!r}: {err}{hint}") from None
+    if steps is not None and int(meta["step"]) > steps:
+        raise ConfigError(
+            f"checkpoint.resume={resume!r} is at step {meta['step']}, past train.steps={steps}; set "
+            f"train.steps={meta['step']} or more to continue it"
+        )
     return found
 
 

@@ -8,18 +8,25 @@ ranks turn off Hydra's output files and logging, so only rank 0 writes them. The
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import shlex
+import shutil
+import signal
 import sys
 
 import hydra
 from omegaconf import DictConfig
 
 from morpho_dist.config import register_configs, validate
-from morpho_dist.errors import EXIT_CONFIG, EXIT_FAULT, ConfigError
+from morpho_dist.errors import EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_FAULT, ConfigError
+from morpho_dist.interrupts import Interrupted, StopSignal
 
 CONF_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
 RUN_DIR_ENV = "MORPHO_RUN_DIR"
+LAUNCH_CMD_ENV = "MORPHO_LAUNCH_CMD"  # set by launch/ scripts: how the user launched (for the resume command)
+LAUNCH_ADDED_ENV = "MORPHO_LAUNCH_ADDED"  # overrides a launch/ script added to the user's own
 
 register_configs()
 
@@ -89,8 +96,66 @@ def _precheck(overrides: list[str]) -> DictConfig:
 
 
 def _die(message: str, code: int = EXIT_CONFIG) -> None:
-    print(f"error: {message}", file=sys.stderr)
+    """One line on rank 0 (every rank meets the same config and the same collective errors), then exit."""
+    if _is_main():
+        print(f"error: {message}", file=sys.stderr)
     sys.exit(code)
+
+
+def _is_main() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+# What main() hands to the Hydra app (a @hydra.main function takes no arguments of its own).
+_LAUNCH: dict = {"stop": None, "overrides": []}
+# What a failed launch may leave in its run dir before it trained; such a run dir is removed.
+_LAUNCH_LEFTOVERS = {".hydra", "train.log", ".run.lock"}
+
+
+def _remove_if_untouched(run_dir: str) -> None:
+    """Rank 0, after a launch that failed or stopped before it wrote anything: no empty run dir is left."""
+    if _is_main() and os.path.isdir(run_dir) and set(os.listdir(run_dir)) <= _LAUNCH_LEFTOVERS:
+        logging.shutdown()  # Hydra's file handler holds train.log open
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _shown_path(path: str) -> str:
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
+def resume_command(overrides: list[str], checkpoint: str, run_dir: str) -> str:
+    """The command that continues this run from ``checkpoint`` in the same run dir."""
+    kept = [o for o in overrides if not o.startswith(("checkpoint.resume=", "hydra.run.dir=", "run_dir="))]
+    for added in os.environ.get(LAUNCH_ADDED_ENV, "").split():  # arguments a launch/ script added itself
+        if added in kept:
+            kept.remove(added)
+    launcher = os.environ.get(LAUNCH_CMD_ENV)
+    if not launcher:
+        env = os.environ
+        if int(env.get("WORLD_SIZE", "1")) == 1:
+            launcher = "python -m morpho_dist.train"
+        elif int(env.get("GROUP_WORLD_SIZE", "1")) > 1:
+            launcher = "<the same torchrun command>"
+        else:
+            launcher = (
+                f"torchrun --nproc_per_node={env.get('LOCAL_WORLD_SIZE', env['WORLD_SIZE'])} -m morpho_dist.train"
+            )
+    args = [*kept, f"checkpoint.resume={_shown_path(checkpoint)}", f"hydra.run.dir={_shown_path(run_dir)}"]
+    return f"{launcher} {shlex.join(args)}"
+
+
+def _interrupted(stop: Interrupted, run_dir: str) -> None:
+    if _is_main():
+        name = signal.Signals(stop.signum).name
+        if stop.checkpoint:
+            where = f"last complete checkpoint {_shown_path(stop.checkpoint)}; resume with: "
+            where += resume_command(_LAUNCH["overrides"], stop.checkpoint, run_dir)
+        else:
+            where = "no checkpoint to resume from (set checkpoint.every=N to save them, and one on interrupt)"
+        print(f"\ninterrupted ({name}) after step {stop.step}; {where}", file=sys.stderr)
+        _remove_if_untouched(run_dir)
+    sys.exit(stop.exit_code)
 
 
 @hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")  # <repo>/conf, absolute: works under -m
@@ -98,20 +163,25 @@ def hydra_app(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     from morpho_dist.checkpoint import CheckpointError
-    from morpho_dist.distributed import read_env
     from morpho_dist.reliability import DesyncError, DivergenceError
     from morpho_dist.train import run
 
     if not cfg.run_dir:
         cfg.run_dir = HydraConfig.get().runtime.output_dir
+    run_dir = str(cfg.run_dir)
     try:
-        summary = run(cfg)
+        summary = run(cfg, stop=_LAUNCH["stop"])
+    except Interrupted as stop:
+        _interrupted(stop, run_dir)
     except (ConfigError, FileNotFoundError, NotImplementedError) as err:
-        _die(str(err))
-    except (DesyncError, DivergenceError, CheckpointError) as err:  # on every rank that meets it
-        env = read_env()
-        _die(f"rank {env.rank}: {err}" if env.distributed else str(err), EXIT_FAULT)
-    if read_env().is_main:
+        _remove_if_untouched(run_dir)
+        _die(str(err), EXIT_CONFIG)
+    except CheckpointError as err:
+        _remove_if_untouched(run_dir)
+        _die(str(err), EXIT_CHECKPOINT)
+    except (DesyncError, DivergenceError) as err:  # met on every rank together
+        _die(str(err), EXIT_FAULT)
+    if _is_main():
         shown = [f"{k}={summary[k]:.4f}" for k in ("val_acc", "val_loss", "val_bpb") if summary.get(k) is not None]
         print(
             " ".join(shown) + f" stages={ {k: v for k, v in summary['stage_counts'].items() if v} } "
@@ -119,7 +189,43 @@ def hydra_app(cfg: DictConfig) -> None:
         )
 
 
+def _check_launch(cfg: DictConfig, env) -> object:
+    """What composing cannot check: the device and the mesh degrees against this launch's world size. Returns
+    the device; exits with one line (code 2) when they do not fit."""
+    from morpho_dist import distributed
+
+    try:
+        device = distributed.pick_device(env, cfg.train.device)
+    except RuntimeError as err:  # train.device='cuda' without CUDA
+        _die(str(err))
+    try:
+        mode, _, seed = distributed.Mesh.degrees(cfg.sharding, env.world_size)
+    except ValueError as err:
+        _die(str(err))
+    per_layer = int(cfg.seeds.per_layer)
+    if cfg.seeds.enabled and per_layer % seed:
+        _die(
+            f"seeds.per_layer={per_layer} is not divisible by the seed degree {seed} (sharding={mode}, world size "
+            f"{env.world_size}); use a multiple of {seed}"
+        )
+    if mode != "data" and env.world_size == 1 and _is_main():
+        print(f"note: sharding={mode} on one process runs every seed here (as sharding=data)", file=sys.stderr)
+    return device
+
+
+def set_cpu_threads(env, device) -> None:
+    """A single CPU process without OMP_NUM_THREADS: a quarter of the cores (1 to 8). torch's default (every
+    core) oversubscribes small models and competes with the data loader and logger (torchrun sets 1 itself)."""
+    if env.distributed or getattr(device, "type", "cpu") != "cpu" or "OMP_NUM_THREADS" in os.environ:
+        return
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, min(8, cores // 4)))
+
+
 def main() -> None:
+    stop = StopSignal().install()
     args = sys.argv[1:]
     flags = [a for a in args if a.startswith("-")]
     overrides = [a for a in args if not a.startswith("-")]
@@ -127,6 +233,7 @@ def main() -> None:
         f in ("--help", "-h", "--hydra-help", "--info", "-i", "--multirun", "-m", "--shell-completion", "-sc")
         for f in flags
     ) or any(f.startswith(("--cfg", "-c", "--info")) for f in flags):
+        _LAUNCH.update(stop=stop, overrides=overrides)
         hydra_app()
         return
     cfg = _precheck(overrides)
@@ -134,8 +241,12 @@ def main() -> None:
     from morpho_dist import distributed
 
     env = distributed.read_env()
-    device = distributed.pick_device(env, cfg.train.device) if env.distributed else None
-    with distributed.process_group(env, device, float(cfg.reliability.collective_timeout_s)):
+    device = _check_launch(cfg, env)
+    set_cpu_threads(env, device)
+    _LAUNCH.update(stop=stop, overrides=overrides)
+    with distributed.process_group(
+        env, device if env.distributed else None, float(cfg.reliability.collective_timeout_s)
+    ):
         if env.distributed:
             if RUN_DIR_ENV not in os.environ and not any(o.startswith("hydra.run.dir=") for o in overrides):
                 os.environ[RUN_DIR_ENV] = distributed.shared_run_dir(env)

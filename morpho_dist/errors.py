@@ -6,8 +6,11 @@ The ground floor of the package (no morpho_dist imports), so that config, data a
 
 from __future__ import annotations
 
-EXIT_CONFIG = 2  # a bad config key or value, a missing file
-EXIT_FAULT = 3  # desynchronised ranks, a divergence that cannot be rolled back, a bad or unsaveable checkpoint
+# One exit code per class of error, the same in one process and under morpho_dist.torchrun (README "Failure
+# behaviour"); an interrupt exits 128 + the signal: 130 (SIGINT, Ctrl-C), 143 (SIGTERM).
+EXIT_CONFIG = 2  # the config or the launch is wrong: a key, a value, a group option, the device, mesh degrees, data
+EXIT_CHECKPOINT = 3  # the checkpoint to resume is missing, incomplete, corrupt or does not fit; a save failed
+EXIT_FAULT = 4  # the run failed: desynchronised ranks, a divergence that cannot be rolled back
 
 
 class ConfigError(ValueError):

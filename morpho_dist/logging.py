@@ -83,6 +83,9 @@ class Backend:
     def finish(self, summary: dict, events: list[dict], stages: dict[str, list[int]]) -> None:
         pass
 
+    def close(self) -> None:
+        """The run stops before its end (an interrupt): flush and release, keep what was logged."""
+
 
 class JsonlBackend(Backend):
     """metrics.jsonl in the run dir."""
@@ -98,6 +101,9 @@ class JsonlBackend(Backend):
         self.fh.flush()
 
     def finish(self, summary: dict, events: list[dict], stages: dict[str, list[int]]) -> None:
+        self.fh.close()
+
+    def close(self) -> None:
         self.fh.close()
 
 
@@ -154,6 +160,9 @@ class WandbBackend(Backend):
                 self.run.summary[k] = v
         self.run.finish()
 
+    def close(self) -> None:
+        self.run.finish(exit_code=1)
+
 
 class RunLog:
     """Rank 0's log: run-dir files plus the configured backend."""
@@ -202,6 +211,11 @@ class RunLog:
             json.dump(_clean(summary), fh, indent=2, sort_keys=True)
         self.backend.finish(summary, self.all_events, stages)
 
+    def close(self) -> None:
+        self.events_fh.close()
+        self.telemetry_fh.close()
+        self.backend.close()
+
 
 class NullRunLog:
     """What non-zero ranks get: the RunLog interface, doing nothing."""
@@ -216,6 +230,9 @@ class NullRunLog:
         pass
 
     def finish(self, summary: dict, stages: dict[str, list[int]]) -> None:
+        pass
+
+    def close(self) -> None:
         pass
 
 

@@ -41,6 +41,7 @@ from morpho_dist.distributed import (
     wrap_ddp,
 )
 from morpho_dist.flops import FlopMeter, Throughput, measure_host
+from morpho_dist.interrupts import Interrupted, StopSignal
 from morpho_dist.kernels.options import KernelOptions
 from morpho_dist.layer import with_rec_losses
 from morpho_dist.lifecycle import Stage
@@ -81,14 +82,16 @@ def resolve_run_dir(cfg: Any, env: DistEnv) -> str:
     return str(cfg.run_dir) if cfg.run_dir else shared_run_dir(env)
 
 
-def run(cfg: Any, record: dict | None = None) -> dict:
+def run(cfg: Any, record: dict | None = None, stop: StopSignal | None = None) -> dict:
     """Train as configured; returns the summary (also written to <run_dir>/summary.json by rank 0).
-    ``record`` (tests): filled with this rank's per-step losses, per-interval telemetry tables and decisions."""
+    ``record`` (tests): filled with this rank's per-step losses, per-interval telemetry tables and decisions.
+    ``stop`` (the CLI's signal handler): the run ends after the step every rank agrees on, saving a checkpoint
+    there when ``checkpoint.every`` is set, and raises ``Interrupted``."""
     validate(cfg)
     env = read_env()
     device = pick_device(env, cfg.train.device)
     with process_group(env, device, float(cfg.reliability.collective_timeout_s)):
-        return _run(cfg, env, device, record)
+        return _run(cfg, env, device, record, stop)
 
 
 def build(cfg: Any, env: DistEnv, device: torch.device) -> dict:
@@ -129,7 +132,7 @@ def build(cfg: Any, env: DistEnv, device: torch.device) -> dict:
     }
 
 
-def _run(cfg: Any, env: DistEnv, device: torch.device, record: dict | None) -> dict:
+def _run(cfg: Any, env: DistEnv, device: torch.device, record: dict | None, stop: StopSignal | None = None) -> dict:
     t0 = time.time()
     b = build(cfg, env, device)
     mesh, stream, task, model, ddp, layers = b["mesh"], b["stream"], b["task"], b["model"], b["ddp"], b["layers"]
@@ -154,7 +157,7 @@ def _run(cfg: Any, env: DistEnv, device: torch.device, record: dict | None) -> d
     resume = cfg.checkpoint.resume
     if resume in (None, "", "null") and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
         resume = "auto"  # a worker restarted by torchrun continues from the run dir's latest checkpoint
-    resume_from = checkpoint.resolve_resume(resume, run_dir)
+    resume_from = checkpoint.resolve_resume(resume, run_dir, steps=int(cfg.train.steps), announce=env.is_main)
     if resume_from is not None:
         start = restore(resume_from)
     cf_batches = stream.val(int(cfg.train.eval_batch))
@@ -178,7 +181,23 @@ def _run(cfg: Any, env: DistEnv, device: torch.device, record: dict | None) -> d
     loss = torch.zeros(())
     losses = []
     step = start
+
+    def save(done: int) -> None:
+        extra = {"reliability": monitor.state_dict(), "flops": flops.state_dict()}
+        path, keep = checkpoint.checkpoint_path(run_dir, done), int(cfg.checkpoint.keep)
+        checkpoint.save(path, step=done, controller=controller, prev_host=prev_host, extra=extra, keep=keep, **ckpt)
+
     while step < steps:
+        if stop is not None and stop.stop_after(step):
+            bar.close()
+            if (
+                ckpt_every
+                and step > start
+                and checkpoint.latest_checkpoint(run_dir) != checkpoint.checkpoint_path(run_dir, step)
+            ):
+                save(step)
+            log.close()
+            raise Interrupted(stop.signum, step, checkpoint.latest_checkpoint(run_dir) or resume_from)
         maybe_kill(step, env.rank, run_dir)
         hook("before_step", step, {"layers": layers, "model": model, "mesh": mesh, "optimizers": optimizers})
         done = step + 1
@@ -227,10 +246,7 @@ def _run(cfg: Any, env: DistEnv, device: torch.device, record: dict | None) -> d
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}", **{k.replace("/", "_"): v for k, v in shown.items()})
         save_now = (ckpt_every and done % ckpt_every == 0) or (done == steps and cfg.checkpoint.save_final)
         if save_now:
-            path = checkpoint.checkpoint_path(run_dir, done)
-            extra = {"reliability": monitor.state_dict(), "flops": flops.state_dict()}
-            keep = int(cfg.checkpoint.keep)
-            checkpoint.save(path, step=done, controller=controller, prev_host=prev_host, extra=extra, keep=keep, **ckpt)
+            save(done)
         bar.update(1)
         step = done
     bar.close()

@@ -190,7 +190,9 @@ def test_corrupt_or_missing_checkpoints_are_clear_errors(tmp_path):
         b = fh.read(1)
         fh.seek(10)
         fh.write(bytes([b[0] ^ 0xFF]))
-    with pytest.raises(checkpoint.CheckpointError, match=r"step_0000020.*corrupt.*previous complete.*step_0000010"):
+    with pytest.raises(
+        checkpoint.CheckpointError, match=r"step_0000020.*corrupt.*newest complete checkpoint before it.*step_0000010"
+    ):
         _run(tmp_path, "train.steps=30", "checkpoint.resume=auto")
     with pytest.raises(checkpoint.CheckpointError, match="step_0000020' is corrupt"):
         checkpoint.validate(str(last))
@@ -201,7 +203,7 @@ def test_corrupt_or_missing_checkpoints_are_clear_errors(tmp_path):
     assert checkpoint.latest_checkpoint(str(tmp_path), max_step=15).endswith("step_0000010")
     with pytest.raises(checkpoint.CheckpointError, match="step_0000015' is incomplete"):
         _run(tmp_path / "c", "train.steps=30", f"checkpoint.resume={tmp_path}/checkpoints/step_0000015")
-    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+    with pytest.raises(checkpoint.CheckpointError, match="no such checkpoint"):
         _run(tmp_path / "d", "train.steps=30", f"checkpoint.resume={tmp_path}/nope")
 
 
