@@ -16,7 +16,6 @@ morpho_dist.ops.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from dataclasses import dataclass
 
@@ -165,34 +164,45 @@ def _plan(kind, x2, stage, p0, opts, warps) -> tuple[TilePlan, int, int, int, in
     return plan, rows, seeds, chunk, rank
 
 
+class SideStream:
+    """The lowrank kernels' side stream on one device, with the two events that fork it from the caller's stream
+    and join it back. Fork and join are one event record and one stream wait each (no host synchronisation; they
+    capture into CUDA graphs); the events are reused call after call (a wait takes the event's latest record)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+        self._forked = torch.cuda.Event()
+        self._done = torch.cuda.Event()
+
+    def fork(self) -> torch.cuda.Stream:
+        """The side stream starts where the caller's stream is now; returns the caller's stream. Every buffer is
+        allocated before the fork, on the caller's stream, which joins the side stream before anything reads them:
+        the caching allocator then hands none of them out again before the side stream is done."""
+        main = torch.cuda.current_stream(self.device)
+        self._forked.record(main)
+        self.stream.wait_event(self._forked)
+        return main
+
+    def enter(self) -> None:
+        """Launches go to the side stream from now (Triton launches on the current stream)."""
+        torch.cuda.set_stream(self.stream)
+
+    def join(self, main: torch.cuda.Stream) -> None:
+        """Back to the caller's stream, which waits for everything launched on the side stream so far."""
+        self._done.record(self.stream)
+        torch.cuda.set_stream(main)
+        main.wait_event(self._done)
+
+
 @functools.lru_cache(maxsize=16)
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    return torch.cuda.Stream(device)
+def side_stream(device: torch.device) -> SideStream:
+    return SideStream(device)
 
 
 def _overlaps(device: torch.device, overlap: bool) -> bool:
     """Whether the lowrank kernels get a side stream (kernel.overlap, on a CUDA device)."""
     return overlap and device.type == "cuda"
-
-
-def _fork(device: torch.device, overlap: bool) -> torch.cuda.Stream | None:
-    """A side stream that starts where the caller's stream is now (None: launch everything on the caller's).
-    Every buffer is allocated before the fork, on the caller's stream, which `_join`s the side stream before
-    anything reads them: the caching allocator then hands none of them out again before the side stream is done."""
-    if not _overlaps(device, overlap):
-        return None
-    side = _side_stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    return side
-
-
-def _on(side: torch.cuda.Stream | None):
-    return contextlib.nullcontext() if side is None else torch.cuda.stream(side)
-
-
-def _join(side: torch.cuda.Stream | None) -> None:
-    if side is not None:
-        torch.cuda.current_stream(side.device).wait_stream(side)
 
 
 def _merge_partials(telemetry: torch.Tensor, parts: torch.Tensor) -> None:
@@ -287,19 +297,24 @@ def run_forward(fl: ForwardLaunch, x2, stage, blend, alpha, p0, p1, telemetry):
     else:
         stats = x2 if telemetry is None else telemetry  # x2: an unused pointer
     rec = (torch.zeros if fl.rec_zeros else torch.empty)(fl.rec_len if fl.det else (), device=device)
-    side = _fork(device, True) if fl.overlap else None
+    side = side_stream(device) if fl.overlap else None
+    main = side.fork() if side is not None else None
     _columns_fwd_kernel[fl.cols_grid](
         x2, y2, stage, blend, alpha, p0, p1, stats, rec, *fl.cols_scalars, **fl.cols_const
     )  # fmt: skip
     if fl.low_grid is not None:
-        with _on(side):
+        if side is not None:
+            side.enter()
+        try:
             if fl.rec_side_zero:
                 rec.zero_()
             _lowrank_fwd_kernel[fl.low_grid](
                 x2, y2, stage, blend, alpha, p0, p1, stats, rec[fl.n_cols :] if fl.det else rec, *fl.low_scalars,
                 **fl.low_const,
             )  # fmt: skip
-        _join(side)
+        finally:
+            if side is not None:
+                side.join(main)
     if fl.det:
         if fl.has_stats:
             _merge_partials(telemetry, stats)
@@ -345,6 +360,7 @@ class BackwardLaunch:
     seeds: int
     overlap: bool
     grad_lead: tuple  # deterministic: (splits,) per-split gradient slots
+    grad_slots: int  # the product of grad_lead (1 without)
     grad_alloc_empty: bool  # gradients allocated empty (zeroed by the column kernel or on the side stream)
     cols_grid: tuple[int, int]
     cols_scalars: tuple  # T, H, N, C, rows_per_split, stats_stride, grad_stride, inv_count, grad_seed_elems
@@ -397,7 +413,7 @@ def plan_backward(
         )  # fmt: skip
     return BackwardLaunch(
         det=det, has_stats=has_stats, stats_splits=stats_splits, seeds=seeds, overlap=overlap,
-        grad_lead=(grad_splits,) if det else (), grad_alloc_empty=overlap or zero_grads,
+        grad_lead=(grad_splits,) if det else (), grad_slots=grad_splits if det else 1, grad_alloc_empty=overlap or zero_grads,
         cols_grid=(cols.splits, cols.groups), cols_scalars=cols_scalars, cols_const=cols_const,
         low_grid=low_grid, low_scalars=low_scalars, low_const=low_const,
     )  # fmt: skip
@@ -407,26 +423,32 @@ def run_backward(bl: BackwardLaunch, x2, dy2, drec, stage, blend, alpha, p0, p1,
     """Launch a planned backward on contiguous tensors; returns (dx, dp0, dp1)."""
     dx2 = torch.empty_like(dy2)
     device = x2.device
-    alloc = torch.empty if bl.grad_alloc_empty else torch.zeros
-    g0 = alloc(*bl.grad_lead, *p0.shape, device=device)
-    g1 = alloc(*bl.grad_lead, *p1.shape, device=device)
+    # both gradients in one buffer: one allocation, and one fill where they are zeroed on the side stream
+    n0 = p0.numel()
+    grads = (torch.empty if bl.grad_alloc_empty else torch.zeros)(bl.grad_slots * (n0 + p1.numel()), device=device)
+    g0 = grads[: bl.grad_slots * n0].view(*bl.grad_lead, *p0.shape)
+    g1 = grads[bl.grad_slots * n0 :].view(*bl.grad_lead, *p1.shape)
     if bl.stats_splits:
         stats = torch.zeros(bl.stats_splits, bl.seeds, NUM_FIELDS, device=device)
     else:
         stats = x2 if telemetry is None else telemetry
-    side = _fork(device, True) if bl.overlap else None
+    side = side_stream(device) if bl.overlap else None
+    main = side.fork() if side is not None else None
     _columns_bwd_kernel[bl.cols_grid](
         x2, dy2, dx2, stage, blend, alpha, p0, p1, drec, g0, g1, stats, *bl.cols_scalars, **bl.cols_const
     )  # fmt: skip
     if bl.low_grid is not None:
-        with _on(side):
+        if side is not None:
+            side.enter()
+        try:
             if bl.overlap:
-                g0.zero_()
-                g1.zero_()
+                grads.zero_()
             _lowrank_bwd_kernel[bl.low_grid](
                 x2, dy2, dx2, stage, blend, alpha, p0, p1, drec, g0, g1, stats, *bl.low_scalars, **bl.low_const
             )  # fmt: skip
-        _join(side)
+        finally:
+            if side is not None:
+                side.join(main)
     if bl.det:
         if bl.has_stats:
             _merge_partials(telemetry, stats)
