@@ -291,7 +291,7 @@ def mode_report(mode: str, info: dict) -> dict:
     if mode == "compile":
         counters = torch._dynamo.utils.counters
         out["graph_breaks"] = sum(counters["graph_break"].values())
-        out["recompiles"] = sum(v for k, v in counters["stats"].items() if k == "unique_graphs")
+        out["unique_graphs"] = counters["stats"].get("unique_graphs", 0)
     if mode == "cudagraph":
         out["captures"] = info["captured"].captures
     return out
