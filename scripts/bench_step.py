@@ -26,9 +26,11 @@ into one CUDA graph (morpho_dist.capture.CapturedStep) and replayed. Each row wa
 compile, autotune, capture happen there), then ``--steps`` steps are timed one by one with CUDA events (CPU: wall
 clock); reported: the median, the overhead over the same mode's baseline, and the device time per step (the
 kernels' summed time over ``--profile-steps`` profiled steps; the gap to the step time is the device waiting on the
-host). On CUDA the timed steps run under ``torch.cuda.set_sync_debug_mode("error")``: a step that synchronises
-with the host is reported in the row's ``host_syncs`` (the op and where it was called), and the row is then timed
-again without the check. A row that fails records its error and the run goes on.
+host), and the host time to issue one step from an idle device (``host_ms``; ``--profile-table N`` adds the
+eager rows' top N host ops by the profiler). On CUDA the timed steps run under
+``torch.cuda.set_sync_debug_mode("error")``: a step that synchronises with the host is reported in the row's
+``host_syncs`` (the op and where it was called), and the row is then timed again without the check. A row that
+fails records its error and the run goes on.
 
 Host time per seeded-layer call (``--host-calls`` passes, 0: off): a chain of 16 layers configured like the host's
 first seeded layer, all DORMANT and with a third blended, called on 8 rows (device time negligible), wall clock
@@ -271,6 +273,31 @@ def device_ms_per_step(step, steps: int) -> float | None:
     return total_us / steps / 1e3 if total_us else None
 
 
+def host_ms_per_step(step, steps: int) -> float:
+    """Host time to issue one step: wall clock from an idle device to the step's return (median over ``steps``).
+    Where it exceeds the device time, the device waits on the host."""
+    times = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def host_profile_table(step, rows: int) -> str:
+    """The host-side ops of two steps by self CPU time (torch.profiler), the launch counts among them."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
 def prepare_mode(mode: str, host, layers, step, batch):
     """The step as the mode runs it: a callable of no arguments, and what the row reports about the mode."""
     info: dict = {}
@@ -316,6 +343,9 @@ def run_variant(args, mode: str, variant: str, guard: bool, device, dtype, backe
             row["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
             if args.profile_steps:
                 row["device_ms"] = device_ms_per_step(run, args.profile_steps)
+                row["host_ms"] = host_ms_per_step(run, args.profile_steps)
+            if args.profile_table and mode == "eager" and not guard:
+                row["profile_table"] = host_profile_table(run, args.profile_table)
         row["host"] = host.describe
         del host, layers, optimizers, step, run, info, batch
     except Exception as err:  # noqa: BLE001  one failing row is reported; the others still run
@@ -378,8 +408,8 @@ def add_overheads(rows: list[dict]) -> None:
 
 def print_table(rows: list[dict], calls: list[dict]) -> None:
     head = (
-        f"{'mode':9s} {'variant':9s} {'guard':5s} {'median ms':>10s} {'device ms':>10s} {'overhead':>10s} "
-        f"{'target':>7s}  host_syncs"
+        f"{'mode':9s} {'variant':9s} {'guard':5s} {'median ms':>10s} {'device ms':>10s} {'host ms':>8s} "
+        f"{'overhead':>10s} {'target':>7s}  host_syncs"
     )
     print(head)
     print("-" * len(head))
@@ -390,6 +420,7 @@ def print_table(rows: list[dict], calls: list[dict]) -> None:
         over = "" if r["overhead_pct"] is None or r["variant"] == "baseline" else f"{r['overhead_pct']:+8.2f}%"
         tgt = "" if r["target_pct"] is None else f"<={r['target_pct']:g}%"
         dev = f"{r['device_ms']:10.3f}" if r.get("device_ms") else f"{'':10s}"
+        dev += f" {r['host_ms']:8.3f}" if r.get("host_ms") else f" {'':8s}"
         print(
             f"{r['mode']:9s} {r['variant']:9s} {'on' if r['guard'] else 'off':5s} {r['median_ms']:10.3f} {dev} "
             f"{over:>10s} {tgt:>7s}  {r['host_syncs']}"
@@ -443,6 +474,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--profile-steps", type=int, default=3, help="CUDA: steps profiled for the device time (0: off)")
+    ap.add_argument("--profile-table", type=int, default=0, help="CUDA eager rows: top N host ops of two steps")
     ap.add_argument("--host-calls", type=int, default=100, help="passes of the host-call chain (0: off)")
     ap.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     ap.add_argument("--no-sync-check", action="store_true", help="time without set_sync_debug_mode('error')")
