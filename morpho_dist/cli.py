@@ -153,7 +153,9 @@ def _interrupted(stop: Interrupted, run_dir: str) -> None:
             where += resume_command(_LAUNCH["overrides"], stop.checkpoint, run_dir)
         else:
             where = "no checkpoint to resume from (set checkpoint.every=N to save them, and one on interrupt)"
-        print(f"\ninterrupted ({name}) after step {stop.step}; {where}", file=sys.stderr)
+        line = f"interrupted ({name}) after step {stop.step}; {where}"
+        logging.getLogger("morpho_dist.run").info(line)
+        print(f"\n{line}", file=sys.stderr)
         _remove_if_untouched(run_dir)
     sys.exit(stop.exit_code)
 

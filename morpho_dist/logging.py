@@ -10,6 +10,7 @@ train loop never asks "am I rank 0?" or "is wandb on?". Files in the run dir, wh
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from typing import Any
@@ -17,22 +18,11 @@ from typing import Any
 import numpy as np
 
 from morpho_dist.lifecycle import Stage
+from morpho_dist.plots import STAGE_COLORS, stage_image  # noqa: F401  STAGE_COLORS: the plots' colours
 
-# Stage id -> RGB for the seed-state image (padding cells: dark grey).
-STAGE_COLORS = {
-    Stage.DORMANT: (200, 200, 200),
-    Stage.GERMINATED: (255, 235, 59),
-    Stage.TRAINING: (255, 152, 0),
-    Stage.GRAFTING: (3, 169, 244),
-    Stage.STABILIZATION: (0, 188, 212),
-    Stage.EVALUATING: (156, 39, 176),
-    Stage.FINE_TUNING: (63, 81, 181),
-    Stage.FOSSILIZED: (76, 175, 80),
-    Stage.CULLED: (244, 67, 54),
-    Stage.CANCELLED: (121, 85, 72),
-    Stage.ROLLED_BACK: (0, 0, 0),
-}
-PAD_COLOR = (60, 60, 60)
+LOG = logging.getLogger("morpho_dist.run")  # Hydra's job logging writes it to <run_dir>/train.log
+WANDB_ID = "run_id"  # <run_dir>/wandb/run_id: the wandb run of this run dir, continued by a resume
+
 HIST_FIELDS = ("mean", "std", "dead_frac", "absmax", "grad_rms", "benefit", "delta_rms")
 
 
@@ -47,25 +37,14 @@ def _clean(v: Any) -> Any:
     return v
 
 
-def stage_image(stages: dict[str, list[int]], cell: int = 16) -> np.ndarray:
-    """Seed-state picture: one row per layer, one column per seed, coloured by stage; uint8 [H, W, 3]."""
-    width = max((len(s) for s in stages.values()), default=1)
-    grid = np.zeros((max(len(stages), 1), width, 3), dtype=np.uint8)
-    grid[:] = PAD_COLOR
-    for li, seq in enumerate(stages.values()):
-        for si, st in enumerate(seq):
-            grid[li, si] = STAGE_COLORS[Stage(int(st))]
-    img = np.kron(grid, np.ones((cell, cell, 1), dtype=np.uint8))
-    img[::cell, :, :] = 255  # grid lines
-    img[:, ::cell, :] = 255
-    return img
-
-
-def _truncate_jsonl(path: str, after_step: int) -> None:
-    """Drop the records of steps > after_step (a resumed run rewrites them)."""
-    if not os.path.exists(path):
+def _truncate_jsonl(path: str, after_step: int, source: str | None = None) -> None:
+    """Keep the records of steps <= after_step (a resumed run rewrites the later ones); with ``source`` (the
+    same file of the run dir it resumed from), the records are carried over from there, so that a run resumed
+    into a new run dir holds its whole history."""
+    source = source or path
+    if not os.path.exists(source):
         return
-    with open(path) as fh:
+    with open(source) as fh:
         keep = [line for line in fh if line.strip() and json.loads(line).get("step", 0) <= after_step]
     with open(path, "w") as fh:
         fh.writelines(keep)
@@ -90,10 +69,10 @@ class Backend:
 class JsonlBackend(Backend):
     """metrics.jsonl in the run dir."""
 
-    def __init__(self, run_dir: str, resume_step: int | None) -> None:
+    def __init__(self, run_dir: str, resume_step: int | None, source_dir: str | None = None) -> None:
         self.path = os.path.join(run_dir, "metrics.jsonl")
         if resume_step is not None:
-            _truncate_jsonl(self.path, resume_step)
+            _truncate_jsonl(self.path, resume_step, source_dir and os.path.join(source_dir, "metrics.jsonl"))
         self.fh = open(self.path, "a" if resume_step is not None else "w")  # noqa: SIM115  closed in finish()
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
@@ -110,12 +89,19 @@ class JsonlBackend(Backend):
 class WandbBackend(Backend):
     """wandb, offline by default (``wandb sync`` later); run files under <run_dir>/wandb."""
 
-    def __init__(self, logger_cfg: Any, run_dir: str, config: dict) -> None:
+    def __init__(self, logger_cfg: Any, run_dir: str, config: dict, resume_step: int | None = None) -> None:
         import wandb
 
         self.wandb = wandb
         self.histograms = bool(getattr(logger_cfg, "histograms", True))
+        id_path = os.path.join(run_dir, "wandb", WANDB_ID)
+        run_id = None
+        if resume_step is not None and os.path.isfile(id_path):  # a resume in the same run dir continues its run
+            with open(id_path) as fh:
+                run_id = fh.read().strip() or None
         self.run = wandb.init(
+            id=run_id,
+            resume="allow" if run_id else None,
             project=logger_cfg.project,
             entity=logger_cfg.entity,
             mode=logger_cfg.mode,
@@ -125,6 +111,9 @@ class WandbBackend(Backend):
             config=config,
             settings=wandb.Settings(console="off", silent=True, x_disable_stats=True, disable_git=True),
         )
+        os.makedirs(os.path.dirname(id_path), exist_ok=True)
+        with open(id_path, "w") as fh:
+            fh.write(self.run.id)
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
         self.run.log(values, step=step)
@@ -143,8 +132,8 @@ class WandbBackend(Backend):
                     vals = vals[np.isfinite(vals)]
                     if vals.size:
                         out[f"telemetry/{layer}/{name}"] = wandb.Histogram(vals)
-        if events:
-            out["seed_states"] = wandb.Image(stage_image(stages), caption="rows: layers, columns: seeds")
+        if events:  # the picture changes only with a decision
+            out["seed_states"] = wandb.Image(stage_image(stages, step), caption="stage of every seed")
         if out:
             self.run.log(out, step=step)
 
@@ -154,7 +143,8 @@ class WandbBackend(Backend):
         table = wandb.Table(columns=cols)
         for e in events:
             table.add_data(*[json.dumps(_clean(e[c])) if c == "signals" else e.get(c) for c in cols])
-        self.run.log({"lifecycle_events": table, "seed_states": wandb.Image(stage_image(stages))})
+        image = wandb.Image(stage_image(stages, summary.get("steps")), caption="stage of every seed at the end")
+        self.run.log({"lifecycle_events": table, "seed_states": image})
         for k, v in summary.items():
             if isinstance(v, (int, float, str)):
                 self.run.summary[k] = v
@@ -167,7 +157,9 @@ class WandbBackend(Backend):
 class RunLog:
     """Rank 0's log: run-dir files plus the configured backend."""
 
-    def __init__(self, run_dir: str, backend: Backend, resume_step: int | None = None) -> None:
+    def __init__(
+        self, run_dir: str, backend: Backend, resume_step: int | None = None, source_dir: str | None = None
+    ) -> None:
         self.run_dir, self.backend = run_dir, backend
         os.makedirs(run_dir, exist_ok=True)
         self.events_path = os.path.join(run_dir, "events.jsonl")
@@ -177,7 +169,9 @@ class RunLog:
         if resume_step is not None:
             mode = "a"
             for path in (self.events_path, self.telemetry_path):
-                _truncate_jsonl(path, resume_step)
+                _truncate_jsonl(path, resume_step, source_dir and os.path.join(source_dir, os.path.basename(path)))
+            if source_dir:
+                LOG.info("resumed at step %d from %s (its records up to there carried over)", resume_step, source_dir)
             if os.path.exists(self.events_path):
                 with open(self.events_path) as fh:
                     self.all_events = [json.loads(line) for line in fh if line.strip()]
@@ -185,10 +179,22 @@ class RunLog:
         self.telemetry_fh = open(self.telemetry_path, mode)  # noqa: SIM115
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
+        shown = " ".join(f"{k}={v:.4g}" for k, v in values.items() if not k.startswith("stages/"))
+        LOG.info("step %d: %s", step, shown)
         self.backend.metrics(step, values)
 
     def interval(self, step: int, report: Any, events: list[dict], stages: dict[str, list[int]]) -> None:
         for e in events:
+            LOG.info(
+                "step %d: %s[%s] %s: %s -> %s (%s)",
+                step,
+                e["layer"],
+                e["seed"],
+                e["command"],
+                e["from"],
+                e["to"],
+                e.get("reason"),
+            )
             self.events_fh.write(json.dumps(_clean(e)) + "\n")
         for rec in report.records():
             self.telemetry_fh.write(json.dumps(_clean(rec)) + "\n")
@@ -205,6 +211,8 @@ class RunLog:
         self.all_events.extend(events)
 
     def finish(self, summary: dict, stages: dict[str, list[int]]) -> None:
+        shown = {k: summary[k] for k in ("steps", "val_loss", "val_acc", "effective_params") if k in summary}
+        LOG.info("finished: %s; stages %s", shown, {k: v for k, v in summary.get("stage_counts", {}).items() if v})
         self.events_fh.close()
         self.telemetry_fh.close()
         with open(os.path.join(self.run_dir, "summary.json"), "w") as fh:
@@ -237,18 +245,28 @@ class NullRunLog:
 
 
 def make_run_log(
-    logger_cfg: Any, run_dir: str, *, is_main: bool, config: dict, resume_step: int | None = None
+    logger_cfg: Any,
+    run_dir: str,
+    *,
+    is_main: bool,
+    config: dict,
+    resume_step: int | None = None,
+    resumed_from: str | None = None,
 ) -> RunLog | NullRunLog:
+    """``resumed_from``: the checkpoint the run resumed from; when it belongs to another run dir, that run's
+    records up to ``resume_step`` are carried into this one (events, telemetry, jsonl metrics)."""
     if not is_main:
         return NullRunLog()
     os.makedirs(run_dir, exist_ok=True)
+    source = os.path.dirname(os.path.dirname(os.path.abspath(resumed_from))) if resumed_from else None
+    source = source if source and source != os.path.abspath(run_dir) else None
     name = logger_cfg.name
     if name == "wandb":
-        backend: Backend = WandbBackend(logger_cfg, run_dir, config)
+        backend: Backend = WandbBackend(logger_cfg, run_dir, config, resume_step)
     elif name == "jsonl":
-        backend = JsonlBackend(run_dir, resume_step)
+        backend = JsonlBackend(run_dir, resume_step, source)
     elif name == "none":
         backend = Backend()
     else:
         raise ValueError(f"logger.name={name!r} is not known; allowed values: ['wandb', 'jsonl', 'none']")
-    return RunLog(run_dir, backend, resume_step)
+    return RunLog(run_dir, backend, resume_step, source)

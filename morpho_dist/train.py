@@ -169,6 +169,7 @@ def _run(cfg: Any, env: DistEnv, device: torch.device, record: dict | None, stop
         is_main=env.is_main,
         config=OmegaConf.to_container(cfg, resolve=True),
         resume_step=start if resume_from is not None else None,
+        resumed_from=resume_from,
     )
     # every rank evaluates when the forward itself is collective (tensor-parallel host layers)
     evaluates = env.is_main or mesh.seed > 1
@@ -240,7 +241,7 @@ def _run(cfg: Any, env: DistEnv, device: torch.device, record: dict | None, stop
             with speed.paused():
                 metrics.update({f"val/{k}": v for k, v in task.evaluate(model, stream.val()).items()})
             if layers:
-                metrics.update({f"stages/{k}": v for k, v in stage_counts(stages).items() if v})
+                metrics.update({f"stages/{k}": v for k, v in stage_counts(stages).items()})  # zeros too
             log.metrics(done, metrics)
             shown = {k: f"{v:.3f}" for k, v in metrics.items() if k in ("val/loss", "val/acc", "val/bpb")}
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}", **{k.replace("/", "_"): v for k, v in shown.items()})
