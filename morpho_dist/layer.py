@@ -12,7 +12,7 @@ from morpho_dist.blueprints import BlueprintBank, check_act, check_kind
 from morpho_dist.kernels.layout import NUM_FIELDS
 from morpho_dist.kernels.options import KernelOptions
 from morpho_dist.lifecycle import STATE_FIELDS, IllegalTransition, SeedState, Stage, all_idle, check_transition
-from morpho_dist.ops import check_backend
+from morpho_dist.ops import check_backend, promises
 from morpho_dist.ops.prepared import SeededCalls
 
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
@@ -131,6 +131,7 @@ class SeededLayer(nn.Module):
         """Record ``stages``, the host copy of the stage tensor as it is now (None: not known)."""
         idle = stages is not None and all_idle(stages)
         self._idle_record = (self.stage, self.stage._version) if idle else None
+        promises.record(self.stage, idle)  # for compiled calls, which consult it when they run
         return idle
 
     def __getstate__(self):

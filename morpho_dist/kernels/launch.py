@@ -360,7 +360,6 @@ class BackwardLaunch:
     seeds: int
     overlap: bool
     grad_lead: tuple  # deterministic: (splits,) per-split gradient slots
-    grad_slots: int  # the product of grad_lead (1 without)
     grad_alloc_empty: bool  # gradients allocated empty (zeroed by the column kernel or on the side stream)
     cols_grid: tuple[int, int]
     cols_scalars: tuple  # T, H, N, C, rows_per_split, stats_stride, grad_stride, inv_count, grad_seed_elems
@@ -413,7 +412,7 @@ def plan_backward(
         )  # fmt: skip
     return BackwardLaunch(
         det=det, has_stats=has_stats, stats_splits=stats_splits, seeds=seeds, overlap=overlap,
-        grad_lead=(grad_splits,) if det else (), grad_slots=grad_splits if det else 1, grad_alloc_empty=overlap or zero_grads,
+        grad_lead=(grad_splits,) if det else (), grad_alloc_empty=overlap or zero_grads,
         cols_grid=(cols.splits, cols.groups), cols_scalars=cols_scalars, cols_const=cols_const,
         low_grid=low_grid, low_scalars=low_scalars, low_const=low_const,
     )  # fmt: skip
@@ -423,11 +422,10 @@ def run_backward(bl: BackwardLaunch, x2, dy2, drec, stage, blend, alpha, p0, p1,
     """Launch a planned backward on contiguous tensors; returns (dx, dp0, dp1)."""
     dx2 = torch.empty_like(dy2)
     device = x2.device
-    # both gradients in one buffer: one allocation, and one fill where they are zeroed on the side stream
-    n0 = p0.numel()
-    grads = (torch.empty if bl.grad_alloc_empty else torch.zeros)(bl.grad_slots * (n0 + p1.numel()), device=device)
-    g0 = grads[: bl.grad_slots * n0].view(*bl.grad_lead, *p0.shape)
-    g1 = grads[bl.grad_slots * n0 :].view(*bl.grad_lead, *p1.shape)
+    # Two buffers, not views of one: the custom ops (torch.compile) may not return outputs that alias each other.
+    alloc = torch.empty if bl.grad_alloc_empty else torch.zeros
+    g0 = alloc(*bl.grad_lead, *p0.shape, device=device)
+    g1 = alloc(*bl.grad_lead, *p1.shape, device=device)
     if bl.stats_splits:
         stats = torch.zeros(bl.stats_splits, bl.seeds, NUM_FIELDS, device=device)
     else:
@@ -442,7 +440,7 @@ def run_backward(bl: BackwardLaunch, x2, dy2, drec, stage, blend, alpha, p0, p1,
             side.enter()
         try:
             if bl.overlap:
-                grads.zero_()
+                torch._foreach_zero_((g0, g1))  # one launch for both
             _lowrank_bwd_kernel[bl.low_grid](
                 x2, dy2, dx2, stage, blend, alpha, p0, p1, drec, g0, g1, stats, *bl.low_scalars, **bl.low_const
             )  # fmt: skip

@@ -9,12 +9,14 @@ directly: the custom-op dispatcher costs tens of microseconds a call, which matt
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import torch
 from torch import Tensor
 
 from morpho_dist.kernels import launch
 from morpho_dist.kernels.options import KernelOptions
+from morpho_dist.ops import promises
 
 
 def _contiguous_state(stage, blend, alpha, p0, p1):
@@ -64,6 +66,12 @@ def _backward_impl(dy, drec, x, stage, blend, alpha, p0, p1, telemetry, kind, ac
     return dx2.view(x.shape), dp0, dp1
 
 
+@functools.lru_cache(maxsize=64)
+def _options(*fields) -> KernelOptions:
+    """KernelOptions from the custom ops' fields, built (and validated) once per distinct set."""
+    return KernelOptions(*fields)
+
+
 @torch.library.custom_op("morpho_dist::seeded_fwd", mutates_args=("telemetry",))
 def seeded_fwd(
     x: Tensor, stage: Tensor, blend: Tensor, alpha: Tensor, p0: Tensor, p1: Tensor, telemetry: Tensor | None,
@@ -72,10 +80,11 @@ def seeded_fwd(
     autotune: bool, lowrank_rows: int, lowrank_warps: int, programs_per_sm: int, lowrank_math: str,
     overlap: bool,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
-    opts = KernelOptions(
+    opts = _options(
         block_rows, block_cols, num_warps, deterministic, dot_precision, bwd_num_warps, autotune,
         lowrank_rows, lowrank_warps, programs_per_sm, lowrank_math, overlap,
     )  # fmt: skip
+    all_idle = all_idle or promises.holds(stage)  # traced calls promise nothing; the layer's record may, now
     return _forward_impl(x, stage, blend, alpha, p0, p1, telemetry, kind, act, dead_eps, all_idle, opts)
 
 
@@ -92,10 +101,11 @@ def seeded_bwd(
     autotune: bool, lowrank_rows: int, lowrank_warps: int, programs_per_sm: int, lowrank_math: str,
     overlap: bool,
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    opts = KernelOptions(
+    opts = _options(
         block_rows, block_cols, num_warps, deterministic, dot_precision, bwd_num_warps, autotune,
         lowrank_rows, lowrank_warps, programs_per_sm, lowrank_math, overlap,
     )  # fmt: skip
+    all_idle = all_idle or promises.holds(stage)
     return _backward_impl(dy, drec, x, stage, blend, alpha, p0, p1, telemetry, kind, act, all_idle, opts)
 
 

@@ -182,3 +182,48 @@ def test_lifecycle_moves_do_not_recompile_cpu():
 @pytest.mark.skipif(INTERPRET, reason="native GPU run needs TRITON_INTERPRET=0")
 def test_lifecycle_moves_do_not_recompile_cuda_inductor():
     check_lifecycle_moves_do_not_recompile("triton", "cuda", "inductor")
+
+
+class _Counting:
+    """Wraps a @triton.jit kernel: counts ``kernel[grid](...)`` launches, then launches."""
+
+    def __init__(self, kernel) -> None:
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+@pytest.mark.skipif(not INTERPRET, reason="CPU kernels need TRITON_INTERPRET=1")
+def test_compiled_calls_consult_the_idle_record_when_they_run(monkeypatch):
+    """Traced calls promise nothing (no recompile at lifecycle moves); when they run, the op asks the layer's idle
+    record: a known-idle layer launches no lowrank kernel, one with a live seed (or an unrecorded write) does."""
+    from morpho_dist.kernels import launch
+
+    lowrank = {name: _Counting(getattr(launch, name)) for name in ("_lowrank_fwd_kernel", "_lowrank_bwd_kernel")}
+    for name, counting in lowrank.items():
+        monkeypatch.setattr(launch, name, counting)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = Host()
+    cfg = SimpleNamespace(targets=["fc1", "fc2"], per_layer=SEEDS, kind="lowrank", rank=RANK, act="relu")
+    wrap(model, cfg, backend="triton")
+    layers = seeded_layers(model)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    x = torch.randn(ROWS, HIDDEN)
+
+    def launches_of_a_step() -> int:
+        before = sum(c.launches for c in lowrank.values())
+        compiled(x).sum().backward()
+        return sum(c.launches for c in lowrank.values()) - before
+
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert launches_of_a_step() == 0  # both layers known idle
+        layers["fc1"].germinate(1, 0)
+        assert launches_of_a_step() == 0  # GERMINATED is idle, recorded as such
+        layers["fc1"].apply_stage_changes([(1, Stage.TRAINING)], 1)
+        assert launches_of_a_step() == 2  # fc1's lowrank kernels, forward and backward
+        with torch.no_grad():
+            layers["fc2"].stage.fill_(int(Stage.DORMANT))  # unrecorded: fc2 not known idle any more
+        assert launches_of_a_step() == 4
