@@ -26,6 +26,18 @@ OPTION_KEYS = {
     ("sharding", "hybrid"): {"mode", "seed_degree"},
     ("optim", "sgd"): {"name"},
     ("kernel", "autotune"): {"autotune"},
+    ("controller", "scaled"): {  # dwell times and budgets as fractions of train.steps
+        "interval",
+        "max_active",
+        "germinate_per_interval",
+        "warmup_steps",
+        "min_training_steps",
+        "max_training_steps",
+        "max_grafting_steps",
+        "stabilization_steps",
+        "fine_tuning_steps",
+        "embargo_steps",
+    },
 }
 
 
