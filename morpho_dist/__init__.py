@@ -7,6 +7,7 @@ __version__ = "0.1.0"
 # Public names, imported on first use: ``import morpho_dist`` stays light, and an exported model (which needs
 # morpho_dist.export_modules only) unpickles without the op, the kernels or Triton.
 _LAZY = {
+    "Morphogenesis": "morpho_dist.engine",
     "export": "morpho_dist.wrap",
     "unwrap": "morpho_dist.wrap",
     "seeded_layers": "morpho_dist.wrap",

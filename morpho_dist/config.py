@@ -9,11 +9,12 @@ with a one-line message naming the key; the CLI prints it and exits non-zero.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from morpho_dist.blends import BLEND_NAMES
 from morpho_dist.errors import ConfigError
@@ -502,3 +503,67 @@ def validate_seeded_widths(cfg: Any) -> None:
                 f"seeds.per_layer={n} leaves chunks of {width // n} < {LOWRANK_MIN_CHUNK} features on layer "
                 f"{name!r}, too small for seeds.kind='lowrank' (use fewer seeds or seeds.kind=diagonal)"
             )
+
+
+# ---- one group outside the app (the engine's config arguments) -------------------------------------------------
+# Schema defaults that point at another group of the app's tree, and what they mean without that tree.
+_OUTSIDE_APP = {("seeds", "blend"): GraftingConfig.blend}
+
+
+def _as_mapping(group: str, value: Any) -> dict:
+    if value is None:
+        return {}
+    if isinstance(value, DictConfig):
+        out = OmegaConf.to_container(value, resolve=False)
+        for key in out:
+            try:  # resolved against the node's root (the app's whole config); left as written when it cannot be
+                resolved = value[key]
+            except Exception:
+                continue
+            is_container = isinstance(resolved, (DictConfig, ListConfig))
+            out[key] = OmegaConf.to_container(resolved, resolve=True) if is_container else resolved
+        return out
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    if isinstance(value, Mapping):
+        return dict(value)
+    raise ValueError(f"{group}: expected a dict, a dataclass or an OmegaConf node, got {type(value).__name__}")
+
+
+def _unresolved(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith("${") and value.endswith("}")
+
+
+def group_config(group: str, value: Any, schema: type) -> Any:
+    """``value`` (None, a dict, a dataclass or an OmegaConf node with the keys of the Hydra group ``group``) as an
+    instance of ``schema``, every missing key at its schema default. ValueError (ConfigError) naming the key on an
+    unknown key, a value of the wrong type, or a value ``validate`` refuses for that group."""
+    data = _as_mapping(group, value)
+    known = [f.name for f in dataclasses.fields(schema)]
+    for key in data:
+        if key not in known:
+            raise ConfigError(f"{group}.{key} is not a known key; allowed keys: {sorted(known)}")
+    defaults = schema()
+    for key in known:
+        if _unresolved(data.get(key, getattr(defaults, key))):  # a default that points into the app's tree
+            if (group, key) not in _OUTSIDE_APP:
+                raise ConfigError(f"{group}.{key} is required (its default points into the Hydra app's config)")
+            data[key] = _OUTSIDE_APP[(group, key)]
+    node = OmegaConf.structured(schema)
+    try:
+        node = OmegaConf.merge(node, data)
+    except Exception as err:  # omegaconf's ValidationError and friends, which carry full_key
+        key = getattr(err, "full_key", None) or "?"
+        first = str(err).strip().splitlines()[0]
+        raise ConfigError(f"{group}.{key}={data.get(key)!r}: {first}") from None
+    for table, rule in ((CHOICES, None), (POSITIVE, "> 0"), (NON_NEGATIVE, ">= 0"), (POW2, "pow2")):
+        for full in table:
+            g, _, key = full.partition(".")
+            if g != group:
+                continue
+            v = node[key]
+            if rule is None and v not in table[full]:
+                raise ConfigError(f"{full}={v!r} is not allowed; allowed values: {list(table[full])}")
+            if (rule == "> 0" and not v > 0) or (rule == ">= 0" and v < 0) or (rule == "pow2" and not _is_pow2(v)):
+                raise ConfigError(f"{full}={v!r} must be {'a power of two' if rule == 'pow2' else rule}")
+    return OmegaConf.to_object(node)

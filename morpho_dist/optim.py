@@ -217,24 +217,26 @@ def make_optimizers(
     """Host optimizer over ``params`` (default: the model's non-bank parameters) + the seed optimizer over the
     layers' banks (this rank's seeds only when seeds are sharded: a layer holds only its shard)."""
     params = host_parameters(model, layers) if params is None else list(params)
+    seeds = make_seed_optimizer(optim_cfg, layers, lr * float(optim_cfg.seed_lr_scale)) if layers else None
+    return Optimizers(make_host_optimizer(optim_cfg, lr, params), seeds)
+
+
+def make_host_optimizer(optim_cfg: Any, lr: float, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    """The ``optim`` group's torch optimizer over ``params`` (the host's: no blueprint banks)."""
+    params = list(params)
     name = str(optim_cfg.name)
     wd = float(optim_cfg.weight_decay)
     if name == "sgd":
-        host = torch.optim.SGD(params, lr=lr, momentum=float(optim_cfg.momentum), weight_decay=wd)
-    elif name in ("adamw", "adam"):
+        return torch.optim.SGD(params, lr=lr, momentum=float(optim_cfg.momentum), weight_decay=wd)
+    if name in ("adamw", "adam"):
         cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
         # capturable on CUDA: the step counters live on the device, so a guarded step never syncs
         cuda = any(p.is_cuda for p in params)
-        host = cls(params, lr=lr, betas=tuple(optim_cfg.betas), weight_decay=wd, capturable=cuda)
-    else:
-        raise ValueError(f"optim.name={name!r} is not known; allowed values: ['adamw', 'adam', 'sgd']")
-    seeds = None
-    if layers:
-        seeds = SeedOptimizer(
-            layers,
-            name=name,
-            lr=lr * float(optim_cfg.seed_lr_scale),
-            betas=tuple(optim_cfg.betas),
-            momentum=float(optim_cfg.momentum),
-        )
-    return Optimizers(host, seeds)
+        return cls(params, lr=lr, betas=tuple(optim_cfg.betas), weight_decay=wd, capturable=cuda)
+    raise ValueError(f"optim.name={name!r} is not known; allowed values: ['adamw', 'adam', 'sgd']")
+
+
+def make_seed_optimizer(optim_cfg: Any, layers: Mapping[str, SeededLayer], lr: float) -> SeedOptimizer:
+    """The per-seed optimizer of the ``optim`` group's kind (adamw/adam: Adam, sgd: momentum) over the banks."""
+    name = str(optim_cfg.name)
+    return SeedOptimizer(layers, name=name, lr=lr, betas=tuple(optim_cfg.betas), momentum=float(optim_cfg.momentum))

@@ -61,8 +61,8 @@ def global_stages(ranks: list[dict]) -> dict[str, list[int]]:
     return out
 
 
-def build_summary(ranks: list[dict], layers: dict, *, val_loss: float, val_acc: float, loss, steps: int, env) -> dict:
-    """The mesh-independent part of summary.json (train.run adds the run's own fields)."""
+def build_summary(ranks: list[dict], layers: dict, *, steps: int, world_size: int) -> dict:
+    """The seeds' part of summary.json, independent of the mesh (train.run adds losses and the run's fields)."""
     stages = global_stages(ranks)
     by_shard: dict[int, set] = {}
     for r in ranks:
@@ -76,15 +76,12 @@ def build_summary(ranks: list[dict], layers: dict, *, val_loss: float, val_acc: 
     per_seed = {name: layer.bank.p0[0].numel() + layer.bank.p1[0].numel() for name, layer in layers.items()}
     grown = sum(per_seed[n] * sum(Stage(s) in BLENDED_STAGES for s in seq) for n, seq in stages.items())
     return {
-        "val_loss": val_loss,
-        "val_acc": val_acc,
-        "train_loss": float(loss.detach()),
         "stage_counts": stage_counts(stages),
         "seed_states": {name: [Stage(s).name for s in seq] for name, seq in stages.items()},
         "seed_state_digest": digest,
         "seeds_identical_across_ranks": all(len(v) == 1 for v in by_shard.values()),
         "steps": steps,
-        "world_size": env.world_size,
+        "world_size": world_size,
         "ranks": [{k: v for k, v in r.items() if k != "stages"} for r in ranks],
         "grown_params": grown,
         "active_seeds": sum(Stage(s) in ACTIVE_STAGES for seq in stages.values() for s in seq),

@@ -96,17 +96,15 @@ def resave(overrides: list[str], src: str, dst: str) -> None:
     """Build the run's model under ``overrides``, load checkpoint ``src`` into it and save it again to ``dst``."""
     from morpho_dist import checkpoint
     from morpho_dist.distributed import pick_device, process_group, read_env
-    from morpho_dist.sharding import snapshot_host
     from morpho_dist.train import build
 
     env = read_env()
     device = pick_device(env, "cpu")
     with process_group(env, device):
         b = build(compose(overrides), env, device)
-        args = {"mesh": b["mesh"], "layers": b["layers"], "host_params": b["host_named"]}
-        prev = snapshot_host(b["host_named"])
-        step, _ = checkpoint.load(src, optimizers=b["optimizers"], controller=b["controller"], prev_host=prev, **args)
-        checkpoint.save(dst, step=step, optimizers=b["optimizers"], controller=b["controller"], prev_host=prev, **args)
+        state = b["morph"].training_state(b["optimizer"])
+        step, _ = checkpoint.load(src, **state)
+        checkpoint.save(dst, step=step, **state)
 
 
 def resave_on(world: int, overrides: list[str], src, dst) -> None:

@@ -34,7 +34,7 @@ def _worker(rank: int, port: int, mode: str, out_dir: str) -> None:
 
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from morpho_dist import train
+    from morpho_dist import engine, train
 
     class Comm(TorchDispatchMode):
         def __init__(self):
@@ -54,19 +54,19 @@ def _worker(rank: int, port: int, mode: str, out_dir: str) -> None:
     def counts() -> dict:
         return dict(comm.counts)
 
-    real_tick, real_interval = train.tick_, train._controller_interval
+    real_tick, real_interval = engine.tick_, engine.Morphogenesis._interval
 
     def tick(layers):  # end of every step's training part
         marks.append(("step", 0, counts()))
         return real_tick(layers)
 
-    def interval(step, *args, **kwargs):
+    def interval(self, step, *args, **kwargs):
         before = counts()
-        out = real_interval(step, *args, **kwargs)
+        out = real_interval(self, step, *args, **kwargs)
         marks.append(("interval", step, {k: v - before.get(k, 0) for k, v in counts().items()}))
         return out
 
-    train.tick_, train._controller_interval = tick, interval
+    engine.tick_, engine.Morphogenesis._interval = tick, interval
     overrides = [f"sharding={mode}", f"train.steps={STEPS}", f"controller.interval={INTERVAL}", "train.log_every=0"]
     overrides.append("checkpoint.save_final=false")
     cfg = compose(overrides)

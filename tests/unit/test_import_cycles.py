@@ -124,6 +124,22 @@ def test_import_reading(tmp_path):
 
 def test_package_has_no_import_cycles():
     edges = graph()
-    assert "morpho_dist.train" in edges and "morpho_dist.kernels.launch" in edges  # the walk sees the package
+    assert "morpho_dist.engine" in edges and "morpho_dist.kernels.launch" in edges  # the walk sees the package
     found = cycles(edges)
     assert not found, f"import cycles: {found}"
+
+
+def test_train_is_a_plain_loop_over_the_engine():
+    """train.py: no function takes more than five parameters (self included), no private helper takes more than
+    one, and the loop drives morpho_dist.Morphogenesis (it builds one and calls its loss and step)."""
+    tree = ast.parse((ROOT / PKG / "train.py").read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            a = node.args
+            count = len(a.posonlyargs) + len(a.args) + len(a.kwonlyargs) + bool(a.vararg) + bool(a.kwarg)
+            assert count <= 5, f"train.{node.name} takes {count} parameters"
+            if node.name.startswith("_") and not node.name.startswith("__"):
+                assert count <= 1, f"private helper train.{node.name} takes {count} parameters"
+    calls = {n.func.attr for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Attribute)}
+    names = {n.func.id for n in ast.walk(tree) if isinstance(n, ast.Call) and isinstance(n.func, ast.Name)}
+    assert "Morphogenesis" in names and {"loss", "step"} <= calls
