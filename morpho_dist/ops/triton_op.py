@@ -159,10 +159,10 @@ class PreparedCall:
     options (morpho_dist.ops.prepared validates the call before it makes one): the forward and backward launch
     plans. Calling it launches the kernels with no further checks or planning."""
 
-    __slots__ = ("fwd", "bwd")
+    __slots__ = ("fwd", "bwd", "all_idle")
 
-    def __init__(self, fwd: launch.ForwardLaunch, bwd: launch.BackwardLaunch) -> None:
-        self.fwd, self.bwd = fwd, bwd
+    def __init__(self, fwd: launch.ForwardLaunch, bwd: launch.BackwardLaunch, all_idle: bool) -> None:
+        self.fwd, self.bwd, self.all_idle = fwd, bwd, all_idle
 
     def __call__(self, x, stage, blend, alpha, p0, p1, telemetry):
         if not x.is_contiguous():
@@ -184,7 +184,7 @@ def prepare_triton(x, stage, p0, telemetry, *, kind, act, dead_eps, all_idle, op
     bwd = launch.plan_backward(
         kind, rows, hidden, seeds, tuple(p0.shape), act, x.element_size(), x.device, has_stats, bool(all_idle), opts
     )
-    return PreparedCall(fwd, bwd)
+    return PreparedCall(fwd, bwd, bool(all_idle))
 
 
 class _PreparedFunction(torch.autograd.Function):
@@ -193,6 +193,8 @@ class _PreparedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, stage, blend, alpha, p0, p1, telemetry, call: PreparedCall):
         y, rec_loss = launch.run_forward(call.fwd, x, stage, blend, alpha, p0, p1, telemetry)
+        # An unused rec_loss (an idle layer's, which with_rec_losses leaves out) gets no zero-filled gradient
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, stage, blend, alpha, p0, p1)
         ctx.telemetry = telemetry  # updated in place by later calls: off the saved-tensor version check
         ctx.call = call
@@ -205,6 +207,12 @@ class _PreparedFunction(torch.autograd.Function):
             dy = torch.zeros_like(x)
         elif not dy.is_contiguous():  # e.g. the expanded gradient of a sum()
             dy = dy.contiguous()
-        drec = torch.zeros((), device=x.device) if drec is None else drec.float()
-        dx, dp0, dp1 = launch.run_backward(ctx.call.bwd, x, dy, drec, stage, blend, alpha, p0, p1, ctx.telemetry)
+        call = ctx.call
+        if drec is not None:
+            drec = drec.float()
+        elif call.all_idle:  # no seed reconstructs: the kernels never use drec, any fp32 tensor will do
+            drec = alpha
+        else:
+            drec = torch.zeros((), device=x.device)
+        dx, dp0, dp1 = launch.run_backward(call.bwd, x, dy, drec, stage, blend, alpha, p0, p1, ctx.telemetry)
         return dx, None, None, None, dp0, dp1, None, None

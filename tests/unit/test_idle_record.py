@@ -93,3 +93,21 @@ def test_all_idle_must_be_a_bool(backend):
     args = (torch.randn(3, 64), layer.stage, layer.blend, layer.alpha, layer.bank.p0, layer.bank.p1, None)
     with pytest.raises(ValueError, match=r"all_idle must be a bool \(True or False\), got 1"):
         ops.seeded(*args, kind="lowrank", backend=backend, all_idle=1)
+
+
+def test_with_rec_losses_leaves_out_the_zero_loss_of_an_idle_forward():
+    """An idle forward's reconstruction loss is zero: the total is the loss itself (no ops, the same value); a
+    forward with a reconstructing seed adds its loss."""
+    from morpho_dist.layer import with_rec_losses
+
+    layer = make_layer()
+    x = torch.randn(6, 64)
+    layer(x)
+    loss = torch.tensor(2.5, requires_grad=True)
+    assert float(layer.rec_loss) == 0.0 and with_rec_losses(loss, [layer], 0.7) is loss
+    layer.germinate(0, step=0, blend="linear")
+    layer.apply_stage_changes([(0, Stage.TRAINING)], step=0)  # TRAINING linear: reconstructs
+    layer(x)
+    total = with_rec_losses(loss, [layer], 0.7)
+    assert float(layer.rec_loss) > 0.0
+    assert torch.equal(total, loss + 0.7 * layer.rec_loss)

@@ -141,3 +141,18 @@ def test_calls_under_the_reference_backend_are_not_prepared(monkeypatch):
     (entry,) = layer._calls._entries.values()
     assert entry[0] is None  # no prepared form: every call goes through ops.seeded
     assert isinstance(layer._calls, prepared.SeededCalls)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("live", [False, True], ids=["dormant", "live"])
+def test_a_backward_without_the_rec_loss_matches_a_zero_rec_gradient(live, device):
+    """rec_loss left out of the loss (with_rec_losses drops an idle layer's): the gradients are those of a zero
+    rec_loss gradient."""
+    layer = make_layer(live, device)
+    x = torch.randn(7, 64, device=device)
+    dy = torch.randn(7, 64, device=device)
+    xa = x.clone().requires_grad_()
+    torch.sum(layer(xa) * dy).backward()
+    xb = x.clone().requires_grad_()
+    (torch.sum(layer(xb) * dy) + 0.0 * layer.rec_loss).backward()
+    assert torch.equal(xa.grad, xb.grad)
