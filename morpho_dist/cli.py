@@ -231,8 +231,13 @@ def main() -> None:
     args = sys.argv[1:]
     flags = [a for a in args if a.startswith("-")]
     overrides = [a for a in args if not a.startswith("-")]
+    if "--help" in flags or "-h" in flags:
+        from morpho_dist.cli_help import help_text
+
+        print(help_text(_precheck(overrides), CONF_DIR, GROUPS))
+        return
     if any(
-        f in ("--help", "-h", "--hydra-help", "--info", "-i", "--multirun", "-m", "--shell-completion", "-sc")
+        f in ("--hydra-help", "--info", "-i", "--multirun", "-m", "--shell-completion", "-sc")
         for f in flags
     ) or any(f.startswith(("--cfg", "-c", "--info")) for f in flags):
         _LAUNCH.update(stop=stop, overrides=overrides)

@@ -30,30 +30,30 @@ class MLPConfig:
     _target_: str = "morpho_dist.models.MLP"
     name: str = "mlp"
     embed: int = 32  # width of the linear input embedding (0: none)
-    hidden: list[int] = field(default_factory=lambda: [4])
-    act: str = "relu"
-    seed_targets: Any = field(default_factory=lambda: ["embed"])
+    hidden: list[int] = field(default_factory=lambda: [4])  # widths of the ReLU core after the embedding
+    act: str = "relu"  # activation of the core
+    seed_targets: Any = field(default_factory=lambda: ["embed"])  # modules seeded by default (seeds.targets)
 
 
 @dataclass
 class CNNConfig:
     _target_: str = "morpho_dist.models.CNN"
     name: str = "cnn"
-    channels: list[int] = field(default_factory=lambda: [32, 32])
-    hidden: int = 32
-    seed_targets: Any = field(default_factory=lambda: ["convs.0", "convs.1"])
+    channels: list[int] = field(default_factory=lambda: [32, 32])  # output channels of each conv block
+    hidden: int = 32  # width of the classifier's hidden layer
+    seed_targets: Any = field(default_factory=lambda: ["convs.0", "convs.1"])  # seeded by default (seeds.targets)
 
 
 @dataclass
 class TransformerConfig:
     _target_: str = "morpho_dist.models.Transformer"
     name: str = "transformer"
-    d_model: int = 32
-    heads: int = 2
-    layers: int = 2
-    mlp_hidden: int = 64
+    d_model: int = 32  # token width
+    heads: int = 2  # attention heads
+    layers: int = 2  # encoder blocks
+    mlp_hidden: int = 64  # hidden width of each block's MLP
     token_dim: int = 8  # flat inputs are cut into tokens of this size; images into rows
-    seed_targets: Any = field(default_factory=lambda: ["mlp.fc1"])
+    seed_targets: Any = field(default_factory=lambda: ["mlp.fc1"])  # modules seeded by default (seeds.targets)
 
 
 @dataclass
@@ -62,12 +62,12 @@ class GPTConfig:
 
     _target_: str = "morpho_dist.models.GPT"
     name: str = "gpt"
-    width: int = 64
-    depth: int = 2
-    heads: int = 4
-    mlp_width: int = 128
+    width: int = 64  # token width
+    depth: int = 2  # decoder blocks
+    heads: int = 4  # attention heads
+    mlp_width: int = 128  # hidden width of each block's MLP
     mlp: str = "gelu"  # gelu | swiglu
-    seed_targets: Any = field(default_factory=lambda: ["mlp.fc1"])
+    seed_targets: Any = field(default_factory=lambda: ["mlp.fc1"])  # modules seeded by default (seeds.targets)
 
 
 @dataclass
@@ -90,32 +90,32 @@ class HFLlamaConfig:
             "tie_word_embeddings": True,
         }
     )
-    seed_targets: Any = field(default_factory=lambda: ["mlp.up_proj"])
+    seed_targets: Any = field(default_factory=lambda: ["mlp.up_proj"])  # modules seeded by default (seeds.targets)
 
 
 @dataclass
 class DigitsConfig:
     _target_: str = "morpho_dist.data.load_digits_data"
     name: str = "digits"
-    val_fraction: float = 0.2
+    val_fraction: float = 0.2  # share of the 1797 images held out for validation
 
 
 @dataclass
 class SyntheticConfig:
     _target_: str = "morpho_dist.data.load_synthetic_data"
     name: str = "synthetic"
-    samples: int = 4096
-    features: int = 64
-    classes: int = 10
-    noise: float = 0.1
-    val_fraction: float = 0.2
+    samples: int = 4096  # examples drawn
+    features: int = 64  # input width
+    classes: int = 10  # label count
+    noise: float = 0.1  # label noise of the teacher network
+    val_fraction: float = 0.2  # share held out for validation
 
 
 @dataclass
 class Cifar10Config:
     _target_: str = "morpho_dist.data.load_cifar10_data"
     name: str = "cifar10"
-    root: str = "data/cifar-10-batches-py"
+    root: str = "data/cifar-10-batches-py"  # directory of the python-format batches (nothing is downloaded)
     val_fraction: float = 0.0  # 0: the standard test_batch is the validation set
 
 
@@ -125,7 +125,7 @@ class TextConfig:
 
     _target_: str = "morpho_dist.corpus.stdlib_text"
     name: str = "text"
-    seq_len: int = 128
+    seq_len: int = 128  # tokens (bytes) per sequence
     val_fraction: float = 0.05  # share of files (by path hash) in the validation split
     max_bytes: int = 0  # cap on the corpus size (0: every file)
     val_windows: int = 64  # fixed validation windows of seq_len tokens
@@ -153,55 +153,55 @@ class CausalLMTaskConfig:
 class SeedsConfig:
     enabled: bool = True  # false: a static host (no seeds, no controller)
     targets: Any = "${model.seed_targets}"  # list: exact or '.'-suffix names; str: regex over module names
-    exclude: list[str] = field(default_factory=list)
-    per_layer: int = 2
-    kind: str = "lowrank"
-    rank: int = 32
-    act: str = "relu"
-    blend: str = "${grafting.blend}"
-    dead_eps: float = 1e-6
+    exclude: list[str] = field(default_factory=list)  # module names never seeded
+    per_layer: int = 2  # seeds per seeded layer; must divide its width
+    kind: str = "lowrank"  # blueprint kind: lowrank | diagonal
+    rank: int = 32  # lowrank blueprint rank
+    act: str = "relu"  # lowrank activation: relu | gelu_tanh
+    blend: str = "${grafting.blend}"  # how u joins x: additive | multiplicative | linear
+    dead_eps: float = 1e-6  # |x| at or below this counts as dead in telemetry
 
 
 @dataclass
 class GraftingConfig:
-    name: str = "additive"
-    blend: str = "additive"
+    name: str = "additive"  # the option's name
+    blend: str = "additive"  # blend of every seed: additive | multiplicative | linear
 
 
 @dataclass
 class ShardingConfig:
     mode: str = "data"  # data | seed | hybrid (morpho_dist.distributed.Mesh)
     seed_degree: int = 0  # ranks sharing out each layer's seeds; 0: all ranks (seed), 1 (hybrid)
-    find_unused_parameters: bool = False
+    find_unused_parameters: bool = False  # DDP's flag, for hosts with parameters a step may not use
 
 
 @dataclass
 class KernelConfig:
     """The op's backend plus every KernelOptions field, with KernelOptions' defaults (one source of truth)."""
 
-    backend: str = "auto"
-    deterministic: bool = KernelOptions.deterministic
-    block_rows: int = KernelOptions.block_rows
-    block_cols: int = KernelOptions.block_cols
-    num_warps: int = KernelOptions.num_warps
-    bwd_num_warps: int = KernelOptions.bwd_num_warps
-    dot_precision: str = KernelOptions.dot_precision
-    autotune: bool = KernelOptions.autotune
-    lowrank_rows: int = KernelOptions.lowrank_rows
-    lowrank_warps: int = KernelOptions.lowrank_warps
-    programs_per_sm: int = KernelOptions.programs_per_sm
-    lowrank_math: str = KernelOptions.lowrank_math
-    overlap: bool = KernelOptions.overlap
+    backend: str = "auto"  # auto (Triton on CUDA tensors, else the reference) | triton | reference
+    deterministic: bool = KernelOptions.deterministic  # bit-identical telemetry run to run (no float atomics)
+    block_rows: int = KernelOptions.block_rows  # column kernels: rows per tile
+    block_cols: int = KernelOptions.block_cols  # column kernels: features per tile (0: auto)
+    num_warps: int = KernelOptions.num_warps  # column kernels: warps per program, forward
+    bwd_num_warps: int = KernelOptions.bwd_num_warps  # column kernels: warps per program, backward
+    dot_precision: str = KernelOptions.dot_precision  # ieee | tf32 (tensor-core dots)
+    autotune: bool = KernelOptions.autotune  # time a few tilings per layer shape on first use
+    lowrank_rows: int = KernelOptions.lowrank_rows  # lowrank kernels: rows per tile
+    lowrank_warps: int = KernelOptions.lowrank_warps  # lowrank kernels: warps per program
+    programs_per_sm: int = KernelOptions.programs_per_sm  # column kernels: programs per multiprocessor
+    lowrank_math: str = KernelOptions.lowrank_math  # auto | dots | rank1 (fp32 rank-1 updates)
+    overlap: bool = KernelOptions.overlap  # CUDA: lowrank kernels on a side stream
 
 
 @dataclass
 class WandbLoggerConfig:
     name: str = "wandb"
-    project: str = "morpho_dist"
-    entity: str | None = None
-    mode: str = "offline"
-    tags: list[str] = field(default_factory=list)
-    histograms: bool = True
+    project: str = "morpho_dist"  # wandb project
+    entity: str | None = None  # wandb entity (team or user)
+    mode: str = "offline"  # offline (wandb sync later) | online | disabled
+    tags: list[str] = field(default_factory=list)  # run tags
+    histograms: bool = True  # per-layer telemetry histograms every interval
 
 
 @dataclass
@@ -216,9 +216,9 @@ class NoneLoggerConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
-    weight_decay: float = 0.0
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    name: str = "adamw"  # adamw | adam | sgd (host and blueprint banks)
+    weight_decay: float = 0.0  # decoupled weight decay
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam betas
     momentum: float = 0.9  # sgd
     seed_lr_scale: float = 1.0  # lr of the blueprint banks relative to train.lr
 
@@ -226,12 +226,12 @@ class OptimConfig:
 # ---- top level -------------------------------------------------------------------------------------------------
 @dataclass
 class TrainConfig:
-    steps: int = 1200
+    steps: int = 1200  # optimizer steps
     batch_size: int = 64  # global batch: each of W ranks takes batch_size / W rows
-    lr: float = 3e-3
+    lr: float = 3e-3  # host learning rate (blueprint banks: optim.seed_lr_scale x this)
     eval_batch: int = 0  # val rows for counterfactual evaluations (same on every rank); 0: the whole val set
-    log_every: int = 25
-    progress: bool = True
+    log_every: int = 25  # metrics every N steps (0: none)
+    progress: bool = True  # the progress bar on rank 0
     device: str = "auto"  # auto | cpu | cuda
     rec_weight: float = 1.0  # weight of the linear-blend reconstruction loss
 
@@ -240,7 +240,7 @@ class TrainConfig:
 class CheckpointConfig:
     every: int = 0  # save every N steps (0: only when the run ends)
     resume: str | None = None  # a checkpoint path, a run dir, or "auto" (the run dir's latest checkpoint)
-    save_final: bool = True
+    save_final: bool = True  # a checkpoint when the run ends
     keep: int = 3  # complete checkpoints kept in <run_dir>/checkpoints (the newest; 0: all)
 
 
@@ -257,7 +257,7 @@ class ReliabilityConfig:
 
 @dataclass
 class Config:
-    seed: int = 0
+    seed: int = 0  # seed of the data order, the init and every blueprint draw
     run_dir: str | None = None  # set by the CLI from Hydra's run dir; in-process callers may set it
     model: Any = MISSING
     data: Any = MISSING

@@ -54,22 +54,22 @@ class ControllerConfig:
 
     interval: int = 10  # steps between controller decisions
     max_active: int = 2  # budget of concurrently active seeds (GERMINATED..FINE_TUNING), all layers together
-    germinate_per_interval: int = 1
+    germinate_per_interval: int = 1  # germinations per interval at most
     warmup_steps: int = 0  # no germination before this step
-    germinate_grad_quantile: float = 0.5
-    dead_frac_threshold: float = 0.5
+    germinate_grad_quantile: float = 0.5  # germinate seeds whose grad rms reaches this quantile
+    dead_frac_threshold: float = 0.5  # ... or whose dead fraction reaches this
     patience_k: int = 2  # consecutive useful intervals before TRAINING -> GRAFTING
     benefit_threshold: float = 0.0  # useful: benefit < -benefit_threshold
     rec_rel_threshold: float = 0.1  # linear seeds: useful when delta_rms / rms < this
-    min_training_steps: int = 20
-    max_training_steps: int = 200
-    alpha_done: float = 0.999
-    max_grafting_steps: int = 500
-    stabilization_steps: int = 10
+    min_training_steps: int = 20  # TRAINING steps before grafting
+    max_training_steps: int = 200  # TRAINING steps before a cull
+    alpha_done: float = 0.999  # GRAFTING ends at this alpha
+    max_grafting_steps: int = 500  # GRAFTING steps before a cull
+    stabilization_steps: int = 10  # steps in STABILIZATION
     evaluate_threshold: float = 0.0  # EVALUATING -> FINE_TUNING when loss(0) - loss(alpha) > this
-    fine_tuning_steps: int = 600
+    fine_tuning_steps: int = 600  # FINE_TUNING steps before fossilizing
     fossilize_threshold: float = 0.0  # FINE_TUNING -> FOSSILIZED when loss(0) - loss(alpha) > this
-    embargo_steps: int = 100
+    embargo_steps: int = 100  # steps a culled seed waits before it may germinate again
 
 
 def _as_config(cfg: Any) -> ControllerConfig:

@@ -27,14 +27,14 @@ RAMP_SHAPES = ("linear", "cosine")
 class ScheduleConfig:
     """The Hydra ``schedule`` group (one schema for every schedule; each reads the keys it needs)."""
 
-    name: str = "fixed_ramp"
+    name: str = "fixed_ramp"  # fixed_ramp | performance_linked | drift_controlled | grad_norm_gated
     ramp_steps: int = 50  # steps from alpha 0 to 1 at the base rate
     shape: str = "linear"  # fixed_ramp only: linear | cosine
     min_factor: float = 0.0  # performance_linked: rate factor clamp (0 pauses a seed whose benefit is >= 0)
-    max_factor: float = 2.0
+    max_factor: float = 2.0  # performance_linked: rate factor upper clamp
     drift_threshold: float = 0.05  # drift_controlled: pause while host weight drift per interval > this
     grad_lo: float = 0.0  # grad_norm_gated: ramp only while lo <= host grad norm <= hi
-    grad_hi: float = 10.0
+    grad_hi: float = 10.0  # grad_norm_gated: upper bound
 
 
 @dataclass(frozen=True)
