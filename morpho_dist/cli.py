@@ -31,7 +31,7 @@ LAUNCH_ADDED_ENV = "MORPHO_LAUNCH_ADDED"  # overrides a launch/ script added to 
 register_configs()
 
 
-GROUPS = tuple(sorted(d for d in os.listdir(CONF_DIR) if os.path.isdir(os.path.join(CONF_DIR, d))))
+GROUPS = tuple(sorted(d for d in os.listdir(CONF_DIR) if os.path.isdir(os.path.join(CONF_DIR, d)) and d != "hydra"))
 
 
 def bad_override(overrides: list[str]) -> str | None:
@@ -237,8 +237,7 @@ def main() -> None:
         print(help_text(_precheck(overrides), CONF_DIR, GROUPS))
         return
     if any(
-        f in ("--hydra-help", "--info", "-i", "--multirun", "-m", "--shell-completion", "-sc")
-        for f in flags
+        f in ("--hydra-help", "--info", "-i", "--multirun", "-m", "--shell-completion", "-sc") for f in flags
     ) or any(f.startswith(("--cfg", "-c", "--info")) for f in flags):
         _LAUNCH.update(stop=stop, overrides=overrides)
         hydra_app()
