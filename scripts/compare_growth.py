@@ -5,7 +5,8 @@
     python scripts/compare_growth.py --preset text --set train.steps=400 --seeds 3 --out /tmp/cmp
 
 Variants (every one sees the same batches: same run seeds, same data, same steps, same lr; only the model differs):
-- grown:          the narrow host with seeds (the controller grows it)
+- grown:          the narrow host with seeds (the controller grows it); ``--alt LABEL="k=v k=v"`` adds a variant
+                  "grown LABEL" with those overrides on top (several growth settings side by side)
 - static narrow:  the same host, no seeds
 - static wide:    the preset's wide host, no seeds
 - static at size: a host of the preset's family whose parameter count is the nearest to the grown runs' mean
@@ -212,11 +213,11 @@ def table(results: dict[str, list[dict]], metric: str, levels: list[float]) -> d
     return out
 
 
-def headline(results: dict[str, list[dict]], metric: str) -> dict:
+def headline(results: dict[str, list[dict]], metric: str, grown_name: str = "grown") -> dict:
     """Per run seed: grown FLOPs to reach the static wide's final metric / static wide's FLOPs; grown - narrow."""
     by_seed = {name: {r["seed"]: r for r in runs if r.get("summary")} for name, runs in results.items()}
     ratios, time_ratios, gaps, gaps_wide = [], [], [], []
-    for seed, grown in by_seed.get("grown", {}).items():
+    for seed, grown in by_seed.get(grown_name, {}).items():
         wide = by_seed.get("static wide", {}).get(seed)
         narrow = by_seed.get("static narrow", {}).get(seed)
         if wide is not None:
@@ -251,6 +252,8 @@ def plot(results: dict[str, list[dict]], metric: str, path: str, title: str) -> 
         "static wide": "tab:red",
         "static at size": "tab:purple",
     }
+    extra = iter(["tab:olive", "tab:orange", "tab:brown", "tab:cyan", "tab:pink", "tab:gray"])
+    colors.update({name: next(extra, "black") for name in results if name not in colors})
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     for name, runs in results.items():
         curves = [points(r, metric) for r in runs if r.get("summary")]
@@ -298,6 +301,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="override for every variant (repeatable)")
     for v in ("grown", "narrow", "wide"):
         parser.add_argument(f"--{v}", action="append", default=[], help=f"extra override for the {v} variant")
+    parser.add_argument("--alt", action="append", default=[], help='another grown variant: LABEL="k=v k=v"')
     parser.add_argument("--parallel", type=int, default=1, help="training processes side by side")
     parser.add_argument("--size", type=int, default=None, help="size_key value of 'static at size' (default: solved)")
     parser.add_argument("--no-at-size", action="store_true", help="skip the 'static at size' variant")
@@ -309,16 +313,21 @@ def main() -> None:
     metric = preset["metric"]
     common = [*preset["common"], *args.set]
     overrides = {name: [*common, *preset[key], *getattr(args, key)] for name, key in PRESET_KEY.items()}
+    alts = {}
+    for spec in args.alt:
+        label, _, extra = spec.partition("=")
+        alts[f"grown {label}"] = [*overrides["grown"], *extra.split()]
+    overrides.update(alts)
     os.makedirs(args.out, exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, args.parallel))))
     t0 = time.time()
-    results: dict[str, list[dict]] = {name: [] for name in VARIANTS}
+    results: dict[str, list[dict]] = {name: [] for name in (*VARIANTS, *alts)}
     with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
         futures = {
             name: [pool.submit(run_one, name, s, overrides[name], args.out, env) for s in range(args.seeds)]
-            for name in PRESET_KEY
+            for name in (*PRESET_KEY, *alts)
         }
         results["grown"] = [f.result() for f in futures["grown"]]
         at_size = []
@@ -332,14 +341,15 @@ def main() -> None:
                 extra = [*overrides["static narrow"], f"{preset['size_key']}={preset['size_format'].format(size)}"]
                 overrides["static at size"] = extra
                 at_size = [pool.submit(run_one, "static at size", s, extra, args.out, env) for s in range(args.seeds)]
-        for name in ("static narrow", "static wide"):
+        for name in ("static narrow", "static wide", *alts):
             results[name] = [f.result() for f in futures[name]]
         results["static at size"] = [f.result() for f in at_size]
     results = {k: v for k, v in results.items() if v}
     finals = {n: mean_std([final_metric(r, metric) for r in rs if r.get("summary")])[0] for n, rs in results.items()}
     levels = args.levels or sorted({round(v, 4) for v in finals.values() if v is not None}, reverse=True)
     rows = table(results, metric, levels)
-    head = headline(results, metric)
+    heads = {name: headline(results, metric, name) for name in results if name.startswith("grown")}
+    head = heads["grown"]
     wall = time.time() - t0
     report = {
         "preset": args.preset,
@@ -353,6 +363,7 @@ def main() -> None:
         "levels": levels,
         "table": rows,
         "headline": head,
+        "headlines": heads,
         "runs": results,
     }
     json_path = os.path.join(args.out, "compare.json")
@@ -383,18 +394,17 @@ def main() -> None:
                 f"{name}: " + (f"{hit['flops_mean']:.3g} ({hit['reached']}/{r['runs']})" if hit["reached"] else "never")
             )
         print(f"  {metric} <= {level:.4f}: " + "; ".join(cells))
-    ratio = head["flops_ratio_mean"]
-    print(
-        "grown FLOPs to reach static wide's final / static wide's FLOPs, per seed: "
-        + ", ".join("never" if not math.isfinite(x) else f"{x:.3f}" for x in head["flops_ratio_to_reach_wide_final"])
-        + (f" (mean {ratio:.3f})" if ratio is not None else "")
-    )
-    gm, gs = head["grown_minus_narrow_mean_std"]
-    if gm is not None:
-        print(f"grown - static narrow final {metric}: {gm:+.4f} +- {gs:.4f}")
-    wm, ws = head["grown_minus_wide_mean_std"]
-    if wm is not None:
-        print(f"grown - static wide final {metric}: {wm:+.4f} +- {ws:.4f}")
+    for name, head in heads.items():
+        ratio = head["flops_ratio_mean"]
+        per_seed = ["never" if not math.isfinite(x) else f"{x:.3f}" for x in head["flops_ratio_to_reach_wide_final"]]
+        print(
+            f"{name}: FLOPs to reach static wide's final / static wide's FLOPs, per seed: {', '.join(per_seed)}"
+            + (f" (mean {ratio:.3f})" if ratio is not None else "")
+        )
+        for other in ("narrow", "wide"):
+            m, sd = head[f"grown_minus_{other}_mean_std"]
+            if m is not None:
+                print(f"{name} - static {other} final {metric}: {m:+.4f} +- {sd:.4f}")
     print(f"wrote {json_path} and {png}")
 
 
