@@ -70,8 +70,8 @@ class SeededOutput(nn.Module):
     The output keeps the original output's strides, and where the features are not the output's contiguous last
     dim the gradient reaches the original module in that layout too (channels_last stays channels_last,
     channels-first contiguous), so that with every seed idle the model computes exactly what it computes
-    unwrapped, forward and backward. Attributes it does not have are read
-    from ``original`` (``model.lm_head.weight`` still works)."""
+    unwrapped, forward and backward. Attributes it does not have are read from ``original``
+    (``model.lm_head.weight`` still works)."""
 
     def __init__(self, original: nn.Module, seeded: SeededLayer, channel_dim: int = -1) -> None:
         super().__init__()
