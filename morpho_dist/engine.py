@@ -155,7 +155,8 @@ class Morphogenesis:
         self._checked_optimizers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._started = False
         self._last_optimizer = None
-        self._hook = model.register_forward_pre_hook(self._before_forward)
+        # on every seeded layer, not the root: Lightning and others run training_step, not the model's forward
+        self._hooks = [layer.register_forward_pre_hook(self._before_forward) for layer in self.layers.values()]
         self.stages = self._gather_stages()
 
     # ---- what the user's loop asks for ---------------------------------------------------------------------
@@ -341,12 +342,23 @@ class Morphogenesis:
             self._prev_host = [t.to(now) for t in self._prev_host]
 
     def _before_forward(self, module: nn.Module, args: Any) -> None:
-        """Forward pre-hook: before the first training forward of a step, the guard culls seeds whose bank went
-        non-finite and keeps the telemetry to fall back to."""
-        if self._armed and module.training and self.layers:
+        """Forward pre-hook of every SeededLayer: before the first seeded layer runs in a step's training forward,
+        the guard culls seeds whose bank went non-finite and keeps the telemetry to fall back to."""
+        if self._armed and module.training:
             self._follow_device()
             self.guard.before_forward(self.steps + 1)
             self._armed = False
+
+    def exclude_banks(self, optimizer: Any) -> None:
+        """Take the blueprint banks out of an optimizer built over all of the model's parameters, before its first
+        step (integrations whose framework builds the optimizer: Lightning's configure_optimizers, the HF Trainer)."""
+        banks = {id(p) for layer in self.layers.values() for p in layer.bank.parameters()}
+        if any(id(p) in banks for p in getattr(optimizer, "state", {})):
+            raise ValueError(
+                "the optimizer has already stepped the blueprint banks; exclude them before its first step"
+            )
+        for group in optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if id(p) not in banks]
 
     def _check_optimizer(self, optimizer: Any) -> None:
         groups = optimizer.param_groups

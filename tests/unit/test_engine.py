@@ -258,3 +258,16 @@ def test_divergence_without_rollback_is_a_clear_error():
     model, morph, opt = make()
     with pytest.raises(DivergenceError, match=r"step 5: host loss non-finite.*no checkpoint to restore"):
         train(model, morph, opt, 10, loss_scale=lambda step: float("nan") if step >= 3 else 1.0)
+
+
+def test_exclude_banks_takes_them_out_of_a_fresh_optimizer():
+    model, morph, _ = make()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    morph.exclude_banks(opt)
+    held = [p for g in opt.param_groups for p in g["params"]]
+    assert [id(p) for p in held] == [id(p) for p in morph.host_parameters()]
+    train(model, morph, opt, 2)
+    with pytest.raises(ValueError, match="already stepped"):
+        everything = torch.optim.SGD(model.parameters(), lr=0.1)
+        everything.state[morph.layers["0"].bank.p0] = {"momentum_buffer": torch.zeros(1)}
+        morph.exclude_banks(everything)
