@@ -366,11 +366,14 @@ def _ensure_host_optim_state(optimizers: Any, host_params: list, saved: set[str]
     host = getattr(optimizers, "host", None)
     if host is None:
         return
+    # a capturable or fused optimizer (the CUDA default here) keeps its step counters on the parameter's device
+    on_device = {id(p) for g in host.param_groups if g.get("capturable") or g.get("fused") for p in g["params"]}
     for name, p in host_params:
         st = host.state[p]
+        step_device = p.device if id(p) in on_device else torch.device("cpu")
         for key in [k[len(f"optim.host.{name}.") :] for k in saved if k.startswith(f"optim.host.{name}.")]:
             if key not in st:
-                st[key] = torch.zeros((), dtype=torch.float32) if key == "step" else torch.zeros_like(p)
+                st[key] = torch.zeros((), device=step_device) if key == "step" else torch.zeros_like(p)
 
 
 def load(

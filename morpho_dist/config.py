@@ -173,6 +173,10 @@ class ShardingConfig:
     mode: str = "data"  # data | seed | hybrid (morpho_dist.distributed.Mesh)
     seed_degree: int = 0  # ranks sharing out each layer's seeds; 0: all ranks (seed), 1 (hybrid)
     find_unused_parameters: bool = False  # DDP's flag, for hosts with parameters a step may not use
+    backend: str = "auto"  # process group: auto (nccl on CUDA, gloo on CPU or when ranks share a GPU) | nccl | gloo
+    # seed / hybrid: module name (pattern, '*' = one name component) -> colwise | rowwise; empty: the model's own
+    # plan (transformers' config.base_model_tp_plan) or the built-in host's
+    tp_plan: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -221,6 +225,9 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adam betas
     momentum: float = 0.9  # sgd
     seed_lr_scale: float = 1.0  # lr of the blueprint banks relative to train.lr
+    foreach: bool | None = None  # torch's multi-tensor path: None = torch's choice (on for CUDA), true, false
+    fused: bool = False  # torch's fused adam/adamw kernel (CUDA and CPU)
+    max_grad_norm: float = 0.0  # clip the host gradients' global L2 norm to this (0: off); any sharding mode
 
 
 # ---- top level -------------------------------------------------------------------------------------------------
@@ -233,6 +240,9 @@ class TrainConfig:
     log_every: int = 25  # metrics every N steps (0: none)
     progress: bool = True  # the progress bar on rank 0
     device: str = "auto"  # auto | cpu | cuda
+    # ranks per CUDA device: local rank r runs on cuda:(r // ranks_per_device). > 1 shares a GPU between ranks
+    # (gloo; a test and debugging mode, not a speed mode)
+    ranks_per_device: int = 1
     rec_weight: float = 1.0  # weight of the linear-blend reconstruction loss
 
 
@@ -329,6 +339,7 @@ CHOICES = {
     "schedule.name": SCHEDULES,
     "schedule.shape": ("linear", "cosine"),
     "sharding.mode": ("data", "seed", "hybrid"),
+    "sharding.backend": ("auto", "nccl", "gloo"),
     "kernel.backend": ("auto", "triton", "reference"),
     "kernel.dot_precision": DOT_PRECISIONS,
     "kernel.lowrank_math": LOWRANK_MATHS,
@@ -340,6 +351,7 @@ POSITIVE = (
     "train.steps",
     "train.batch_size",
     "train.lr",
+    "train.ranks_per_device",
     "seeds.per_layer",
     "seeds.rank",
     "controller.interval",
@@ -353,6 +365,7 @@ NON_NEGATIVE = (
     "train.log_every",
     "checkpoint.every",
     "optim.weight_decay",
+    "optim.max_grad_norm",
     "controller.max_active",
     "controller.embargo_steps",
     "checkpoint.keep",
@@ -433,6 +446,21 @@ def validate(cfg: Any) -> None:
         raise ConfigError(f"schedule.min_factor={cfg.schedule.min_factor} must lie in [0, schedule.max_factor]")
     if cfg.schedule.grad_lo > cfg.schedule.grad_hi:
         raise ConfigError(f"schedule.grad_lo={cfg.schedule.grad_lo} must be <= schedule.grad_hi")
+    if cfg.optim.fused and (cfg.optim.foreach or cfg.optim.name == "sgd"):
+        raise ConfigError(
+            f"optim.fused=true works with optim.name in ['adamw', 'adam'] and optim.foreach unset or false "
+            f"(got optim.name={cfg.optim.name!r}, optim.foreach={cfg.optim.foreach})"
+        )
+    if cfg.sharding.backend == "nccl" and (cfg.train.device == "cpu" or cfg.train.ranks_per_device > 1):
+        raise ConfigError(
+            "sharding.backend='nccl' needs train.device=cuda and train.ranks_per_device=1 (NCCL gives each rank "
+            "its own GPU); allowed values with a CPU or a shared GPU: ['auto', 'gloo']"
+        )
+    for name, style in cfg.sharding.tp_plan.items():
+        if style not in ("colwise", "rowwise"):
+            raise ConfigError(
+                f"sharding.tp_plan.{name}={style!r} is not allowed; allowed values: ['colwise', 'rowwise']"
+            )
     if cfg.sharding.seed_degree < 0:
         raise ConfigError(f"sharding.seed_degree={cfg.sharding.seed_degree} must be >= 0")
     from morpho_dist.targets import locate_target

@@ -3,6 +3,10 @@
     env = read_env()                       # RANK, WORLD_SIZE, LOCAL_RANK (defaults: one process)
     device = pick_device(env, "auto")      # cuda:LOCAL_RANK when CUDA is there, else cpu
     with process_group(env, device):       # gloo on CPU, nccl on CUDA; no-op for one process
+    # several ranks on one GPU (tests, debugging; not a speed mode): ranks_per_device=2 puts local ranks 0 and 1
+    # on cuda:0, and backend "auto" then picks gloo (NCCL refuses two ranks on one device)
+    device = pick_device(env, "cuda", ranks_per_device=2)
+    with process_group(env, device, backend="auto", ranks_per_device=2):
     model = wrap_ddp(model, env, device)   # DDP, broadcast_buffers=False: each rank keeps its telemetry buffer
 
 ``Mesh`` is the one mesh object (axes ``dp`` and ``seed``, a torch DeviceMesh underneath); the sharding plans
@@ -147,27 +151,62 @@ class Mesh:
         return self.device_mesh.get_group(axis) if self.device_mesh is not None else None
 
 
-def pick_device(env: DistEnv, preference: str = "auto") -> torch.device:
+BACKENDS = ("auto", "nccl", "gloo")
+
+
+def pick_device(env: DistEnv, preference: str = "auto", ranks_per_device: int = 1) -> torch.device:
+    """cpu, or cuda:(LOCAL_RANK // ranks_per_device) (made the current CUDA device). ``ranks_per_device`` > 1
+    lets several ranks share one GPU: a test and debugging mode (they take turns on it), not a speed mode."""
     if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise RuntimeError("train.device='cuda' but CUDA is not available")
-    torch.cuda.set_device(env.local_rank)
-    return torch.device("cuda", env.local_rank)
+    index = env.local_rank // max(int(ranks_per_device), 1)
+    if index >= torch.cuda.device_count():
+        raise ValueError(
+            f"train.ranks_per_device={ranks_per_device}: local rank {env.local_rank} would need cuda:{index}, but "
+            f"this node has {torch.cuda.device_count()} GPU(s); set train.ranks_per_device to at least "
+            f"{-(-(env.local_rank + 1) // torch.cuda.device_count())}"
+        )
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def resolve_backend(choice: str, device: torch.device | None, ranks_per_device: int = 1) -> str:
+    """The process-group backend for ``sharding.backend``: ``auto`` is nccl on CUDA with one rank per GPU, gloo
+    on the CPU or when ranks share a GPU (NCCL refuses two ranks on one device); ``gloo`` works on CUDA too."""
+    if choice not in BACKENDS:
+        raise ValueError(f"sharding.backend={choice!r} is not allowed; allowed values: {list(BACKENDS)}")
+    cuda = device is not None and device.type == "cuda"
+    if choice == "auto":
+        return "nccl" if cuda and ranks_per_device == 1 else "gloo"
+    if choice == "nccl" and not (cuda and ranks_per_device == 1):
+        raise ValueError(
+            "sharding.backend='nccl' needs train.device=cuda and train.ranks_per_device=1; allowed values with a "
+            "CPU or a shared GPU: ['auto', 'gloo']"
+        )
+    return choice
 
 
 def is_initialized() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def init_process_group(env: DistEnv, device: torch.device | None, timeout_s: float | None = None) -> bool:
-    """Join the process group (gloo for CPU, nccl for CUDA) when there are several processes; True when this
-    call created it (the caller then destroys it). ``timeout_s``: every collective of the group (and of the
-    mesh's sub-groups) fails after that long instead of waiting for a lost rank forever."""
+def init_process_group(
+    env: DistEnv,
+    device: torch.device | None,
+    timeout_s: float | None = None,
+    *,
+    backend: str = "auto",
+    ranks_per_device: int = 1,
+) -> bool:
+    """Join the process group (``resolve_backend``: gloo for CPU, nccl for CUDA) when there are several
+    processes; True when this call created it (the caller then destroys it). ``timeout_s``: every collective of
+    the group (and of the mesh's sub-groups) fails after that long instead of waiting for a lost rank forever."""
     if not env.distributed or is_initialized():
         return False
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    kwargs: dict[str, Any] = {"device_id": device} if device.type == "cuda" else {}
+    backend = resolve_backend(backend, device, ranks_per_device)
+    kwargs: dict[str, Any] = {"device_id": device} if backend == "nccl" else {}
     if timeout_s:
         kwargs["timeout"] = datetime.timedelta(seconds=float(timeout_s))
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or "0"
@@ -201,10 +240,17 @@ def destroy_process_group(barrier: bool = False) -> None:
 
 
 @contextlib.contextmanager
-def process_group(env: DistEnv, device: torch.device | None, timeout_s: float | None = None):
+def process_group(
+    env: DistEnv,
+    device: torch.device | None,
+    timeout_s: float | None = None,
+    *,
+    backend: str = "auto",
+    ranks_per_device: int = 1,
+):
     """``init_process_group`` for the body (yields whether it created the group); on leaving, the group it
     created is destroyed: after a barrier on a clean exit, at once after an error."""
-    created = init_process_group(env, device, timeout_s)
+    created = init_process_group(env, device, timeout_s, backend=backend, ranks_per_device=ranks_per_device)
     try:
         yield created
     except BaseException:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -60,7 +60,13 @@ from morpho_dist.reliability import (
     mark_rolled_back,
 )
 from morpho_dist.schedules import HostSignals, ScheduleConfig, make_schedule
-from morpho_dist.sharding import host_square_sums, named_host_parameters, shard_model, snapshot_host
+from morpho_dist.sharding import (
+    clip_host_grad_norm_,
+    host_square_sums,
+    named_host_parameters,
+    shard_model,
+    snapshot_host,
+)
 from morpho_dist.summary import build_summary, gather_ranks, global_stages
 from morpho_dist.telemetry import build_report
 from morpho_dist.wrap import seeded_layers, wrap
@@ -90,6 +96,8 @@ class Morphogenesis:
     ``reliability`` and ``optim`` (the seeds' optimizer: name adamw|adam|sgd, betas, momentum, seed_lr_scale).
 
     ``mesh``: a morpho_dist.distributed.Mesh (default: data parallel over the default process group, if any).
+    ``tp_plan``: seed / hybrid sharding's tensor-parallel plan, module name -> "colwise" | "rowwise" (default:
+    the model's own, e.g. a transformers model's ``config.base_model_tp_plan``; morpho_dist.sharding.tp_plan).
     ``seed_lr``: the banks' learning rate (default: the user optimizer's first group's lr x optim.seed_lr_scale,
     read at every step, so it follows lr schedulers). ``rec_weight``: weight of the reconstruction losses.
     ``base_seed``: seeds the deterministic blueprint init. ``loggers``: see the module doc. ``rollback``: called
@@ -110,6 +118,7 @@ class Morphogenesis:
         reliability: Any = None,
         optim: Any = None,
         mesh: Mesh | None = None,
+        tp_plan: Mapping[str, str] | None = None,
         seed_lr: float | None = None,
         rec_weight: float = TrainConfig.rec_weight,
         base_seed: int = 0,
@@ -132,7 +141,8 @@ class Morphogenesis:
         if self.seeds_cfg.enabled:
             options = kernel_options(self.kernel_cfg)
             wrap(model, self.seeds_cfg, kernel=options, backend=self.kernel_cfg.backend, base_seed=int(base_seed))
-        self.shard_plan = shard_model(model, self.mesh)  # seed shards + tensor-parallel host layers (seed > 1)
+        # seed shards + tensor-parallel host layers (seed > 1), by tp_plan or the model's own plan
+        self.shard_plan = shard_model(model, self.mesh, tp_plan)
         self.layers = seeded_layers(model)
         self.bank_params = sum(
             (layer.bank.p0[0].numel() + layer.bank.p1[0].numel()) * layer.num_global_seeds
@@ -222,6 +232,8 @@ class Morphogenesis:
         ok = finite if self.reliability_cfg.skip_nonfinite else None
         at_interval = bool(self.layers) and done % self.controller_cfg.interval == 0
         grad_sq = host_square_sums(host_named, None, self.mesh, grads=True) if at_interval else None
+        if self.optim_cfg.max_grad_norm and optimizer is not None and host_step:  # the norm above: before clipping
+            clip_host_grad_norm_(host_named, float(self.optim_cfg.max_grad_norm), self.mesh)
         if optimizer is not None and host_step:
             guarded_step(optimizer, ok) if ok is not None else optimizer.step()
         if self.seed_optimizer is not None:

@@ -9,11 +9,12 @@ buffer on the device: no host sync) and ``reset_seed`` clears one seed's slice o
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from morpho_dist.layer import SeededLayer
 from morpho_dist.lifecycle import TRAINABLE_STAGES
@@ -221,18 +222,43 @@ def make_optimizers(
     return Optimizers(make_host_optimizer(optim_cfg, lr, params), seeds)
 
 
+def _kind(p: torch.Tensor) -> tuple:
+    """What torch's multi-tensor and fused optimizer kernels need to be equal across one list: plain tensors
+    together; DTensors together per device mesh (placements may differ: the ops are pointwise)."""
+    if isinstance(p, DTensor):
+        return ("dtensor", id(p.device_mesh))
+    return ("tensor",)
+
+
+def host_param_groups(params: Iterable[torch.Tensor], **options: Any) -> list[dict]:
+    """``params`` as optimizer param groups, one per tensor kind (``_kind``), each with ``options``. A
+    tensor-parallel host holds DTensor parameters beside plain ones; in one group, the foreach path (torch's
+    default on CUDA) and the fused path stop at the first step ("got mixed torch.Tensor and DTensor")."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for p in params:
+        groups.setdefault(_kind(p), []).append(p)
+    return [{"params": ps, **options} for ps in groups.values()]
+
+
 def make_host_optimizer(optim_cfg: Any, lr: float, params: list[nn.Parameter]) -> torch.optim.Optimizer:
-    """The ``optim`` group's torch optimizer over ``params`` (the host's: no blueprint banks)."""
+    """The ``optim`` group's torch optimizer over ``params`` (the host's: no blueprint banks), one param group
+    per tensor kind (``host_param_groups``); ``optim.foreach`` / ``optim.fused`` are torch's options."""
     params = list(params)
     name = str(optim_cfg.name)
     wd = float(optim_cfg.weight_decay)
+    foreach = getattr(optim_cfg, "foreach", None)
+    fused = bool(getattr(optim_cfg, "fused", False))
+    groups = host_param_groups(params)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=float(optim_cfg.momentum), weight_decay=wd)
+        if fused:
+            raise ValueError("optim.fused=true works with optim.name in ['adamw', 'adam']")
+        return torch.optim.SGD(groups, lr=lr, momentum=float(optim_cfg.momentum), weight_decay=wd, foreach=foreach)
     if name in ("adamw", "adam"):
         cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
         # capturable on CUDA: the step counters live on the device, so a guarded step never syncs
         cuda = any(p.is_cuda for p in params)
-        return cls(params, lr=lr, betas=tuple(optim_cfg.betas), weight_decay=wd, capturable=cuda)
+        kwargs: dict[str, Any] = {"fused": True} if fused else {"foreach": foreach}
+        return cls(groups, lr=lr, betas=tuple(optim_cfg.betas), weight_decay=wd, capturable=cuda, **kwargs)
     raise ValueError(f"optim.name={name!r} is not known; allowed values: ['adamw', 'adam', 'sgd']")
 
 

@@ -1,15 +1,18 @@
 """Sharding plans: pure functions that apply a ``distributed.Mesh`` to a wrapped model.
 
     mesh = Mesh.from_config(cfg.sharding, env, device)       # axes dp x seed
-    plan = shard_model(model, mesh)                          # seed shards + tensor-parallel host layers
+    plan = shard_model(model, mesh, user_plan)               # seed shards + tensor-parallel host layers
     ddp = wrap_ddp(model, env, device, mesh=mesh, tensor_parallel=plan.tensor_parallel)   # DDP over dp
     params = named_host_parameters(model, layers)            # after DDP: what the host optimizer steps on
+    opt = torch.optim.AdamW(optim.host_param_groups(p for _, p in params), lr=...)   # DTensors in their own group
 
 ``sharding=seed|hybrid``: rank (d, s) keeps seeds ``[s*N/S, (s+1)*N/S)`` of every seeded layer (state,
-telemetry, blueprint bank; so also only their optimizer state), and the host layers around each seeded point
-are tensor parallel over the ``seed`` axis (torch.distributed.tensor.parallel): the target Linear is
-column-parallel, the Linear after it row-parallel, both with local outputs, so the SeededLayer sees exactly its
-seeds' features as a plain tensor. Gradients of everything are averaged over ``dp`` by DDP.
+telemetry, blueprint bank; so also only their optimizer state), and host Linears are tensor parallel over the
+``seed`` axis (torch.distributed.tensor.parallel) with local outputs, by a plan of module names -> "colwise" |
+"rowwise" (torchtitan's convention; ``tp_plan``): the user's (``sharding.tp_plan``), else the model's own (a
+``transformers`` model's ``config.base_model_tp_plan``), else the built-in host's (the seeded Linear
+column-parallel, the Linear after it row-parallel). Each seeded target is column-parallel, so its SeededLayer
+sees exactly its seeds' features as a plain tensor. Gradients of everything are averaged over ``dp`` by DDP.
 
 Global views (``global_view``, ``seed_view``) describe a rank's tensors as DTensors of the unsharded shape;
 checkpoints and host-wide norms are built on them, so they do not depend on the mesh.
@@ -17,29 +20,100 @@ checkpoints and host-wide norms are built on them, so they do not depend on the 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from morpho_dist.distributed import Mesh
+from morpho_dist.distributed import Mesh, is_initialized
 from morpho_dist.layer import SeededLayer
 from morpho_dist.models import seed_tp_plan
 from morpho_dist.wrap import SeededOutput, seeded_layers
 
+STYLES = ("colwise", "rowwise")
+
 
 @dataclass
 class ShardPlan:
-    """What ``shard_model`` did: target -> successor (column- -> row-parallel) and each layer's global seeds."""
+    """What ``shard_model`` did: the tensor-parallel styles by module name, where the plan came from, and each
+    layer's global seed range on this rank."""
 
     tp: dict[str, str] = field(default_factory=dict)
+    source: str = ""
     seed_ranges: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def tensor_parallel(self) -> bool:
         return bool(self.tp)
+
+
+def _host_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """Name -> module for every host Linear a plan may name: a seeded target counts under its own name."""
+    out: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, SeededOutput) or isinstance(module, nn.Linear) and not name.endswith(".original"):
+            out[name] = module
+    return out
+
+
+def _expand(patterns: Mapping[str, str], names: list[str], source: str) -> dict[str, str]:
+    """Plan patterns ('*' stands for one name component, as in torchtitan and transformers) -> concrete names."""
+    out: dict[str, str] = {}
+    for pattern, style in patterns.items():
+        if style not in STYLES:
+            raise ValueError(
+                f"{source}: {pattern!r} -> {style!r} is not a supported tensor-parallel style; allowed values: "
+                f"{list(STYLES)}"
+            )
+        regex = re.compile(re.escape(pattern).replace(r"\*", r"[^.]+"))
+        hits = [n for n in names if regex.fullmatch(n)]
+        if not hits:
+            raise ValueError(f"{source}: {pattern!r} matches no Linear module of the model")
+        for name in hits:
+            out[name] = style
+    return out
+
+
+def _model_plan(model: nn.Module) -> dict[str, str] | None:
+    """transformers models: ``config.base_model_tp_plan``, its names under the base model's prefix."""
+    plan = getattr(getattr(model, "config", None), "base_model_tp_plan", None)
+    if not plan:
+        return None
+    prefix = getattr(model, "base_model_prefix", "")
+    if prefix and isinstance(getattr(model, prefix, None), nn.Module):
+        return {f"{prefix}.{k}": v for k, v in plan.items()}
+    return dict(plan)
+
+
+def tp_plan(model: nn.Module, targets: list[str], user_plan: Mapping[str, str] | None = None) -> ShardPlan:
+    """The tensor-parallel plan of seed sharding: module name -> "colwise" | "rowwise". From ``user_plan``
+    (``sharding.tp_plan``) when given, else the model's own (a ``transformers`` model's
+    ``config.base_model_tp_plan``), else the built-in host's (models.seed_tp_plan: the seeded Linear
+    column-parallel, the Linear after it row-parallel). Every seeded target must be column-parallel: a rank's
+    output features are then exactly its seeds' features."""
+    names = list(_host_linears(model))
+    if user_plan:
+        source = "sharding.tp_plan"
+        plan = _expand(user_plan, names, source)
+    elif (own := _model_plan(model)) is not None:
+        source = f"{type(model).__name__}.config.base_model_tp_plan"
+        plan = _expand(own, names, source)
+    else:
+        source = f"the built-in plan of {type(model).__name__}"
+        plan = {}
+        for target, successor in seed_tp_plan(model, targets).items():
+            plan[target], plan[successor] = "colwise", "rowwise"
+    for name in targets:
+        if plan.get(name) != "colwise":
+            raise ValueError(
+                f"seeds.targets: {name!r} is {plan.get(name, 'not in')!r} in {source}; seed sharding splits a seeded "
+                "layer's output features over the ranks, so each target must be 'colwise' (set sharding.tp_plan)"
+            )
+    return ShardPlan(tp=plan, source=source)
 
 
 def shard_seeded_layers(model: nn.Module, mesh: Mesh) -> None:
@@ -53,20 +127,24 @@ def shard_seeded_layers(model: nn.Module, mesh: Mesh) -> None:
             module.seeded = layer.narrow(mesh.seed_rank * per, per)
 
 
-def shard_model(model: nn.Module, mesh: Mesh) -> ShardPlan:
-    """Apply the mesh's seed sharding to a wrapped model, in place (nothing to do for ``data`` / seed = 1)."""
+def shard_model(model: nn.Module, mesh: Mesh, user_plan: Mapping[str, str] | None = None) -> ShardPlan:
+    """Apply the mesh's seed sharding to a wrapped model, in place (nothing to do for ``data`` / seed = 1):
+    this rank's seed shards, and the host Linears of the tensor-parallel plan (``tp_plan``) over the ``seed``
+    axis, with local outputs (a seeded layer sees its seeds' features as a plain tensor)."""
     layers = seeded_layers(model)
     mesh.check_seed_counts({name: layer.num_global_seeds for name, layer in layers.items()})
     plan = ShardPlan()
     if mesh.seed > 1:
         from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
-        plan.tp = seed_tp_plan(model, list(layers))
+        plan = tp_plan(model, list(layers), user_plan)
         shard_seeded_layers(model, mesh)
         styles: dict[str, object] = {}
-        for target, successor in plan.tp.items():
-            styles[f"{target}.original"] = ColwiseParallel(use_local_output=True)
-            styles[successor] = RowwiseParallel(use_local_output=True)
+        for name, style in plan.tp.items():
+            module = model.get_submodule(name)
+            key = f"{name}.original" if isinstance(module, SeededOutput) else name
+            parallel = ColwiseParallel if style == "colwise" else RowwiseParallel
+            styles[key] = parallel(use_local_output=True)
         parallelize_module(model, mesh.seed_mesh, styles)
     plan.seed_ranges = {
         name: (layer.seed_offset, layer.seed_offset + layer.num_seeds) for name, layer in seeded_layers(model).items()
@@ -133,6 +211,25 @@ def host_square_sums(
             out[0] += (now - before).square().sum()
             out[1] += before.square().sum()
     return out
+
+
+@torch.no_grad()
+def clip_host_grad_norm_(params: list[tuple[str, nn.Parameter]], max_norm: float, mesh: Mesh) -> torch.Tensor:
+    """Scale the host gradients in place so that their global L2 norm is at most ``max_norm``
+    (``torch.nn.utils.clip_grad_norm_``'s rule: factor max_norm / (norm + 1e-6), at most 1); returns the norm
+    before clipping (0-d, on the device). The norm is that of the unsharded model on any mesh: each element
+    counted once (``host_square_sums``), one all-reduce over the world. torch's own clip_grad_norm_ cannot take
+    a tensor-parallel host: its foreach norm refuses DTensor and plain gradients in one list, and DDP's local
+    shards of tensor-parallel parameters would be counted as whole tensors."""
+    sq = host_square_sums(params, None, mesh, grads=True)
+    if is_initialized() and mesh.world_size > 1:
+        dist.all_reduce(sq)
+    norm = sq[0].sqrt()
+    factor = (float(max_norm) / (norm + 1e-6)).clamp(max=1.0)
+    grads = [local_part(p.grad) for _, p in params if p.grad is not None]
+    if grads:
+        torch._foreach_mul_(grads, factor.to(grads[0].dtype))
+    return norm.float()
 
 
 def snapshot_host(params: list[tuple[str, nn.Parameter]]) -> list[torch.Tensor]:

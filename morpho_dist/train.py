@@ -72,6 +72,7 @@ def build(cfg: Any, env: DistEnv, device: torch.device) -> dict:
         reliability=cfg.reliability,
         optim=cfg.optim,
         mesh=mesh,
+        tp_plan=dict(cfg.sharding.tp_plan),
         rec_weight=float(cfg.train.rec_weight),
         base_seed=int(cfg.seed),
     )
@@ -149,8 +150,10 @@ def run(cfg: Any, record: dict | None = None, stop: StopSignal | None = None) ->
     there when ``checkpoint.every`` is set, and raises ``Interrupted``."""
     validate(cfg)
     env = read_env()
-    device = pick_device(env, cfg.train.device)
-    with process_group(env, device, float(cfg.reliability.collective_timeout_s)):
+    per_device = int(cfg.train.ranks_per_device)
+    device = pick_device(env, cfg.train.device, per_device)
+    timeout = float(cfg.reliability.collective_timeout_s)
+    with process_group(env, device, timeout, backend=str(cfg.sharding.backend), ranks_per_device=per_device):
         return train(cfg, env, device, record, stop)
 
 

@@ -241,7 +241,23 @@ def wrap(
         if param is not None:
             layer.to(param.device)
         _set_submodule(model, name, SeededOutput(original, layer, channel_dim))
+    _keep_seed_buffers_local(model)
     return model
+
+
+def _keep_seed_buffers_local(model: nn.Module) -> None:
+    """Name the seed layers' buffers in ``_ddp_params_and_buffers_to_ignore``, which DistributedDataParallel
+    reads when it wraps ``model``: a user's plain ``DDP(model)`` (broadcast_buffers=True) then no longer
+    overwrites each rank's telemetry accumulation with rank 0's at every forward. The seed state buffers stay
+    equal across ranks without it (every rank applies the same decisions, checked by a checksum)."""
+    names = [
+        f"{name}.seeded.{buf}"
+        for name, module in model.named_modules()
+        if isinstance(module, SeededOutput)
+        for buf, _ in module.seeded.named_buffers()
+    ]
+    ignored = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
+    model._ddp_params_and_buffers_to_ignore = ignored + [n for n in names if n not in ignored]
 
 
 def seeded_layers(model: nn.Module) -> dict[str, SeededLayer]:

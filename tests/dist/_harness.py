@@ -64,26 +64,48 @@ def _set_env(rank: int, world: int, port: int) -> None:
     )
 
 
-def _train_worker(rank: int, world: int, port: int, overrides: list[str], out_dir: str) -> None:
-    _set_env(rank, world, port)
+def record_launches(launches: list) -> None:
+    """Wrap the Triton launchers (kernels.launch.run_forward / run_backward: every forward and backward launch,
+    prepared or not, goes through them by module attribute) so that each appends (direction, device, rows,
+    features, seeds, bank.p0 shape) to ``launches``: what this rank really ran its kernels on."""
+    from morpho_dist.kernels import launch
+
+    def recording(direction, fn, stage_at, p0_at):
+        def call(*args, **kwargs):
+            x2, stage, p0 = args[1], args[stage_at], args[p0_at]
+            rows = x2.numel() // x2.shape[-1]
+            launches.append((direction, str(x2.device), rows, x2.shape[-1], stage.numel(), tuple(p0.shape)))
+            return fn(*args, **kwargs)
+
+        return call
+
+    launch.run_forward = recording("fwd", launch.run_forward, 2, 5)  # (plan, x2, stage, blend, alpha, p0, ...)
+    launch.run_backward = recording("bwd", launch.run_backward, 4, 7)  # (plan, x2, dy2, drec, stage, ..., p0, ...)
+
+
+def _run_recorded(overrides: list[str], launches: bool) -> dict:
     from morpho_dist.train import run
 
     record: dict = {}
+    if launches:
+        record_launches(record.setdefault("launches", []))
     summary = run(compose(overrides), record)
-    torch.save({"summary": summary, "record": record}, os.path.join(out_dir, f"rank{rank}.pt"))
+    return {"summary": summary, "record": record}
 
 
-def train(world: int, overrides: list[str], out_dir) -> list[dict]:
-    """train.run on ``world`` processes (in this process when world == 1); each rank's summary and record."""
+def _train_worker(rank: int, world: int, port: int, overrides: list[str], out_dir: str, launches: bool) -> None:
+    _set_env(rank, world, port)
+    torch.save(_run_recorded(overrides, launches), os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def train(world: int, overrides: list[str], out_dir, *, launches: bool = False) -> list[dict]:
+    """train.run on ``world`` processes (in this process when world == 1); each rank's summary and record.
+    ``launches``: record["launches"] lists the rank's Triton launches (``record_launches``)."""
     out_dir = str(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     if world == 1:
-        from morpho_dist.train import run
-
-        record: dict = {}
-        summary = run(compose(overrides), record)
-        return [{"summary": summary, "record": record}]
-    mp.spawn(_train_worker, args=(world, free_port(), overrides, out_dir), nprocs=world, join=True)
+        return [_run_recorded(overrides, launches)]
+    mp.spawn(_train_worker, args=(world, free_port(), overrides, out_dir, launches), nprocs=world, join=True)
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
 
 
@@ -121,3 +143,59 @@ def read_full(path) -> dict:
     out = str(path) + ".full.pt"
     dcp_to_torch_save(str(path), out)
     return torch.load(out, weights_only=False)
+
+
+# ---- comparing a sharded run with the one-process run ----------------------------------------------------------
+def _global_losses(outs: list[dict]) -> list[tuple[int, float]]:
+    """Per step, the mean over the dp replicas (seed shard 0) of their local-batch mean losses."""
+    reps = [o for o in outs if _coords(o)[1] == 0]
+    steps = [s for s, _ in reps[0]["record"]["losses"]]
+    return [(s, sum(o["record"]["losses"][i][1] for o in reps) / len(reps)) for i, s in enumerate(steps)]
+
+
+def _coords(out: dict) -> tuple[int, int]:
+    me = out["summary"]["ranks"][out["record"]["rank"]]
+    return me["dp_rank"], me["seed_rank"]
+
+
+def _decisions(events: list[dict]) -> list[tuple]:
+    return [(e["step"], e["layer"], e["seed"], e["command"], e["from"], e["to"]) for e in events]
+
+
+def assert_matches(single: dict, outs: list[dict], steps: int, interval: int = 5) -> None:
+    """Every rank of ``outs`` matches the one-process run: global-batch losses within 1e-5 relative, telemetry
+    tables within 1e-5 of each field's scale, identical decisions, seed states and parameter counts."""
+    for r, o in enumerate(outs):
+        o["record"]["rank"] = r
+    ref_losses = single["record"]["losses"]
+    assert len(ref_losses) == steps
+    got = _global_losses(outs)
+    assert [s for s, _ in got] == [s for s, _ in ref_losses]
+    for (step, a), (_, b) in zip(ref_losses, got):
+        assert abs(a - b) <= 1e-5 * abs(a), (step, a, b)
+    ref_tables = single["record"]["tables"]
+    assert len(ref_tables) == steps // interval
+    for o in outs:
+        tables = o["record"]["tables"]
+        assert [s for s, _ in tables] == [s for s, _ in ref_tables]
+        for (step, want), (_, have) in zip(ref_tables, tables):
+            scale = want.abs().amax(dim=1, keepdim=True).clamp_min(1e-30)  # per layer and field
+            err = ((have.cpu() - want.cpu()).abs() / scale.cpu()).max()
+            assert err <= 1e-5, (step, float(err))
+        assert _decisions(o["record"]["events"]) == _decisions(single["record"]["events"])
+    assert _decisions(single["record"]["events"]), "the controller made no decision"
+    s0 = outs[0]["summary"]
+    assert s0["seed_states"] == single["summary"]["seed_states"]
+    assert s0["seeds_identical_across_ranks"]
+    assert s0["params"] == single["summary"]["params"]
+    # each seed shard holds 1/seed of the blueprint banks and of the seed optimizer state
+    full = single["summary"]["ranks"][0]
+    seed = s0["mesh"]["seed"]
+    for info in s0["ranks"]:
+        assert info["blueprint_bytes"] * seed == full["blueprint_bytes"]
+        assert info["seed_optimizer_bytes"] * seed == full["seed_optimizer_bytes"]
+
+
+def launch_shapes(out: dict) -> set[tuple]:
+    """(direction, features, seeds) of every Triton launch a rank made."""
+    return {(d, f, s) for d, _, _, f, s, _ in out["record"]["launches"]}

@@ -26,7 +26,14 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 README = os.path.join(REPO, "README.md")
 TEST_STEPS = "train.steps=40"
-TRAINS = ("morpho_dist.train", "launch/cpu.sh", "launch/gpus.sh", "launch/multinode.sh", "launch/slurm.sbatch")
+TRAINS = (
+    "morpho_dist.train",
+    "launch/cpu.sh",
+    "launch/gpus.sh",
+    "launch/gpu_shared.sh",
+    "launch/multinode.sh",
+    "launch/slurm.sbatch",
+)
 
 
 def blocks(lang: str) -> list[tuple[int, str]]:
