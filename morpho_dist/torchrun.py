@@ -30,10 +30,12 @@ def split_args(args: list[str]) -> tuple[list[str], list[str]]:
 
 
 def exit_code(err: BaseException) -> int:
-    """The process exit code for torchrun's ChildFailedError (the lowest failed rank's) or SignalException."""
+    """The process exit code for torchrun's ChildFailedError or SignalException. Of the failed workers, the
+    lowest rank that exited by itself decides: torchrun stops the others with SIGTERM once one has failed."""
     failures = getattr(err, "failures", None)
     if failures:
-        code = failures[min(failures)].exitcode
+        codes = [failures[rank].exitcode for rank in sorted(failures)]
+        code = next((c for c in codes if 0 < c < EXIT_SIGNAL_BASE), codes[0])  # not one stopped by the SIGTERM
         return EXIT_SIGNAL_BASE - code if code < 0 else code  # a worker killed by a signal: 128 + signal
     sigval = getattr(err, "sigval", None)
     return EXIT_SIGNAL_BASE + int(sigval) if sigval is not None else 1
