@@ -13,7 +13,9 @@ launches the lowrank kernel too. A graph captured under one set of promises woul
 seed gone live in a layer captured as idle would come out NaN, the op's safety net), so every call compares the
 layers' promises and training modes with those of the capture and captures again when they differ: never a
 stale graph. Nothing else about a layer may change between replays: its shapes, dtypes, device, options, or
-the tensors themselves (``.to()``, a new optimizer); build a new CapturedStep after such a change.
+the tensors themselves (``.to()``, a new optimizer); build a new CapturedStep after such a change. Python
+numbers the step passes to kernels are recorded as they were at capture: a learning rate that changes must
+live in a tensor (torch's capturable optimizers take ``lr`` as a tensor), the seed optimizer's ``lr`` as well.
 
 A capture costs ``warmup`` eager steps (on a side stream, as CUDA graphs need) plus one recorded step, and each
 of those calls is a real training step: the step the graph was recorded for is replayed at once. The step
