@@ -9,6 +9,7 @@ with a one-line message naming the key; the CLI prints it and exits non-zero.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -259,8 +260,13 @@ class ReliabilityConfig:
     """Faults and divergence (morpho_dist/reliability.py; README "Failure behaviour")."""
 
     skip_nonfinite: bool = True  # a step whose host loss is non-finite changes no parameter (device-side flag)
-    divergence_factor: float = 10.0  # host divergence: interval mean loss > factor x recent mean (0: only NaN)
-    window: int = 5  # intervals in the recent mean
+    # host divergence: an interval's mean loss above all of floor x the first interval's mean, factor x the recent
+    # mean, the recent mean + sigmas x its spread (divergence_factor 0: only non-finite losses); see
+    # reliability.DivergenceMonitor
+    divergence_factor: float = 10.0
+    divergence_floor: float = 0.5
+    divergence_sigmas: float = 6.0
+    window: int = 20  # good intervals in the recent mean and spread
     max_rollbacks: int = 3  # restores of the last good checkpoint before the run stops
     collective_timeout_s: float = 600.0  # process-group timeout: a lost or desynchronised rank never hangs
 
@@ -347,36 +353,148 @@ CHOICES = {
     "optim.name": ("adamw", "adam", "sgd"),
     "train.device": ("auto", "cpu", "cuda"),
 }
-POSITIVE = (
-    "train.steps",
-    "train.batch_size",
-    "train.lr",
-    "train.ranks_per_device",
-    "seeds.per_layer",
-    "seeds.rank",
-    "controller.interval",
-    "controller.patience_k",
-    "schedule.ramp_steps",
-    "reliability.window",
-    "reliability.collective_timeout_s",
-)
-NON_NEGATIVE = (
-    "train.eval_batch",
-    "train.log_every",
-    "checkpoint.every",
-    "optim.weight_decay",
-    "optim.max_grad_norm",
-    "controller.max_active",
-    "controller.embargo_steps",
-    "checkpoint.keep",
-    "reliability.divergence_factor",
-)
-POW2 = (
-    "kernel.block_rows",
-    "kernel.num_warps",
-    "kernel.bwd_num_warps",
-    "kernel.lowrank_rows",
-    "kernel.lowrank_warps",
+
+
+@dataclass(frozen=True)
+class Rule:
+    """The allowed values of one numeric field (of each element, for a list field): finite, within
+    [lo, hi] (an end excluded when ``lo_open`` / ``hi_open``), a power of two when ``pow2`` (0 too with
+    ``or_zero``)."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    pow2: bool = False
+    or_zero: bool = False
+
+    def describe(self) -> str:
+        parts = []
+        if self.pow2:
+            parts.append("a power of two" + (" or 0" if self.or_zero else ""))
+        if self.lo is not None and self.hi is not None:
+            parts.append(f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}")
+        elif self.lo is not None:
+            parts.append(f"{'>' if self.lo_open else '>='} {self.lo:g}")
+        elif self.hi is not None:
+            parts.append(f"{'<' if self.hi_open else '<='} {self.hi:g}")
+        return "a finite number" + (" " + " and ".join(parts) if parts else "")
+
+    def allows(self, v: Any) -> bool:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return False
+        if self.pow2 and not (_is_pow2(v) or (self.or_zero and v == 0)):
+            return False
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        return self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)
+
+
+COUNT, POSITIVE, NON_NEGATIVE, ANY = Rule(lo=1), Rule(lo=0, lo_open=True), Rule(lo=0), Rule()
+FRACTION, OPEN_FRACTION = Rule(0, 1), Rule(0, 1, lo_open=True, hi_open=True)
+WARPS = Rule(1, 32, pow2=True)
+
+# One rule per numeric field of every schema (tests/unit/test_validation_rules.py checks that none is missing):
+# schema class -> field -> Rule. A value outside its rule (nan and inf included) is refused naming its key.
+RULES: dict[Any, dict[str, Rule]] = {
+    Config: {"seed": NON_NEGATIVE},
+    MLPConfig: {"embed": NON_NEGATIVE, "hidden": COUNT},
+    CNNConfig: {"channels": COUNT, "hidden": COUNT},
+    TransformerConfig: {"d_model": COUNT, "heads": COUNT, "layers": COUNT, "mlp_hidden": COUNT, "token_dim": COUNT},
+    GPTConfig: {"width": COUNT, "depth": COUNT, "heads": COUNT, "mlp_width": COUNT},
+    DigitsConfig: {"val_fraction": OPEN_FRACTION},
+    SyntheticConfig: {
+        "samples": Rule(lo=2),
+        "features": COUNT,
+        "classes": Rule(lo=2),
+        "noise": NON_NEGATIVE,
+        "val_fraction": OPEN_FRACTION,
+    },
+    Cifar10Config: {"val_fraction": Rule(0, 1, hi_open=True)},  # 0: the standard test batch
+    TextConfig: {"seq_len": COUNT, "val_fraction": OPEN_FRACTION, "max_bytes": NON_NEGATIVE, "val_windows": COUNT},
+    CausalLMTaskConfig: {"bytes_per_token": POSITIVE},
+    SeedsConfig: {"per_layer": COUNT, "rank": COUNT, "dead_eps": NON_NEGATIVE},
+    ScheduleConfig: {
+        "ramp_steps": COUNT,
+        "min_factor": NON_NEGATIVE,
+        "max_factor": NON_NEGATIVE,
+        "drift_threshold": NON_NEGATIVE,
+        "grad_lo": NON_NEGATIVE,
+        "grad_hi": NON_NEGATIVE,
+    },
+    ShardingConfig: {"seed_degree": NON_NEGATIVE},
+    KernelConfig: {
+        "block_rows": Rule(lo=1, pow2=True),
+        "block_cols": Rule(lo=0, pow2=True, or_zero=True),
+        "num_warps": WARPS,
+        "bwd_num_warps": WARPS,
+        "lowrank_rows": Rule(lo=16, pow2=True),  # tl.dot tiles
+        "lowrank_warps": WARPS,
+        "programs_per_sm": Rule(1, 64),
+    },
+    OptimConfig: {
+        "weight_decay": NON_NEGATIVE,
+        "betas": Rule(0, 1, hi_open=True),
+        "momentum": Rule(0, 1, hi_open=True),
+        "seed_lr_scale": NON_NEGATIVE,
+        "max_grad_norm": NON_NEGATIVE,
+    },
+    TrainConfig: {
+        "steps": COUNT,
+        "batch_size": COUNT,
+        "lr": POSITIVE,
+        "eval_batch": NON_NEGATIVE,
+        "log_every": NON_NEGATIVE,
+        "rec_weight": NON_NEGATIVE,
+        "ranks_per_device": COUNT,
+    },
+    CheckpointConfig: {"every": NON_NEGATIVE, "keep": NON_NEGATIVE},
+    ReliabilityConfig: {
+        "divergence_factor": NON_NEGATIVE,
+        "divergence_floor": NON_NEGATIVE,
+        "divergence_sigmas": NON_NEGATIVE,
+        "window": COUNT,
+        "max_rollbacks": NON_NEGATIVE,
+        "collective_timeout_s": Rule(0, 7 * 24 * 3600, lo_open=True),  # a timedelta a process group accepts
+    },
+}
+
+
+def _controller_rules() -> dict[str, Rule]:
+    return {
+        "interval": COUNT,
+        "max_active": NON_NEGATIVE,
+        "germinate_per_interval": NON_NEGATIVE,
+        "warmup_steps": NON_NEGATIVE,
+        "germinate_grad_quantile": FRACTION,
+        "dead_frac_threshold": FRACTION,
+        "patience_k": COUNT,
+        "benefit_threshold": NON_NEGATIVE,
+        "rec_rel_threshold": NON_NEGATIVE,
+        "min_training_steps": NON_NEGATIVE,
+        "max_training_steps": NON_NEGATIVE,
+        "alpha_done": Rule(0, 1, lo_open=True),
+        "max_grafting_steps": COUNT,
+        "stabilization_steps": NON_NEGATIVE,
+        "evaluate_threshold": ANY,
+        "fine_tuning_steps": NON_NEGATIVE,
+        "fossilize_threshold": ANY,
+        "embargo_steps": NON_NEGATIVE,
+    }
+
+
+def rules() -> dict[Any, dict[str, Rule]]:
+    """RULES plus the controller's (its schema lives in morpho_dist.controller, which imports this module)."""
+    from morpho_dist.controller import ControllerConfig
+
+    return {**RULES, ControllerConfig: _controller_rules()}
+
+
+# Relations between fields: (key, the other key, check(value, other), what it must be).
+RELATIONS = (
+    ("schedule.min_factor", "schedule.max_factor", lambda a, b: a <= b, "<="),
+    ("schedule.grad_lo", "schedule.grad_hi", lambda a, b: a <= b, "<="),
+    ("controller.min_training_steps", "controller.max_training_steps", lambda a, b: a <= b, "<="),
 )
 
 
@@ -388,7 +506,7 @@ def _get(cfg: Any, key: str) -> Any:
 
 
 def _is_pow2(v: Any) -> bool:
-    return isinstance(v, int) and v > 0 and v & (v - 1) == 0
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0 and v & (v - 1) == 0
 
 
 def _schema_target(schema: Any) -> Any:
@@ -412,6 +530,29 @@ def check_known_keys(cfg: Any, prefix: str = "") -> None:
             check_known_keys(node, f"{prefix}{key}.")
 
 
+def _show(v: Any) -> str:
+    return str(v) if isinstance(v, float) and not math.isfinite(v) else repr(v)
+
+
+def check_rules(cfg: Any, table: dict[Any, dict[str, Rule]], prefix: str = "") -> None:
+    """Every numeric field of every schema node against its rule (list fields: each element)."""
+    schema = OmegaConf.get_type(cfg)
+    for name, rule in table.get(schema, {}).items():
+        if name not in cfg:
+            continue
+        value = cfg[name]
+        if isinstance(value, ListConfig):
+            if not all(rule.allows(v) for v in value):
+                shown = "[" + ", ".join(_show(v) for v in value) + "]"
+                raise ConfigError(f"{prefix}{name}={shown} is not allowed; each value must be {rule.describe()}")
+        elif not rule.allows(value):
+            raise ConfigError(f"{prefix}{name}={_show(value)} is not allowed; it must be {rule.describe()}")
+    for key in cfg:
+        node = cfg._get_node(key)
+        if isinstance(node, DictConfig) and not node._is_missing() and not node._is_none():
+            check_rules(node, table, f"{prefix}{key}.")
+
+
 def validate(cfg: Any) -> None:
     """Check the values of a composed config; ConfigError (one line, naming the key) on the first bad one."""
     check_known_keys(cfg)
@@ -419,33 +560,12 @@ def validate(cfg: Any) -> None:
         value = _get(cfg, key)
         if value not in allowed:
             raise ConfigError(f"{key}={value!r} is not allowed; allowed values: {list(allowed)}")
-    for key in POSITIVE:
-        value = _get(cfg, key)
-        if not value > 0:
-            raise ConfigError(f"{key}={value!r} must be > 0")
-    for key in NON_NEGATIVE:
-        value = _get(cfg, key)
-        if value < 0:
-            raise ConfigError(f"{key}={value!r} must be >= 0")
-    for key in POW2:
-        value = _get(cfg, key)
-        if not _is_pow2(value):
-            raise ConfigError(f"{key}={value!r} must be a power of two")
-    if cfg.reliability.max_rollbacks < 0:
-        raise ConfigError(f"reliability.max_rollbacks={cfg.reliability.max_rollbacks} must be >= 0")
-    if not (cfg.kernel.block_cols == 0 or _is_pow2(cfg.kernel.block_cols)):
-        raise ConfigError(f"kernel.block_cols={cfg.kernel.block_cols!r} must be a power of two, or 0 for auto")
-    if not 1 <= cfg.kernel.programs_per_sm <= 64:
-        raise ConfigError(f"kernel.programs_per_sm={cfg.kernel.programs_per_sm} must lie in [1, 64]")
-    if cfg.kernel.lowrank_rows < 16:
-        raise ConfigError(f"kernel.lowrank_rows={cfg.kernel.lowrank_rows} must be >= 16 (tl.dot tiles)")
-    for key in ("num_warps", "bwd_num_warps", "lowrank_warps"):
-        if cfg.kernel[key] > 32:
-            raise ConfigError(f"kernel.{key}={cfg.kernel[key]} must be at most 32")
-    if not 0 <= cfg.schedule.min_factor <= cfg.schedule.max_factor:
-        raise ConfigError(f"schedule.min_factor={cfg.schedule.min_factor} must lie in [0, schedule.max_factor]")
-    if cfg.schedule.grad_lo > cfg.schedule.grad_hi:
-        raise ConfigError(f"schedule.grad_lo={cfg.schedule.grad_lo} must be <= schedule.grad_hi")
+    check_rules(cfg, rules())
+    for key, other, ok, what in RELATIONS:
+        if not ok(_get(cfg, key), _get(cfg, other)):
+            raise ConfigError(f"{key}={_get(cfg, key)!r} must be {what} {other}={_get(cfg, other)!r}")
+    if len(cfg.optim.betas) != 2:
+        raise ConfigError(f"optim.betas={list(cfg.optim.betas)!r} must hold two values (beta1, beta2)")
     if cfg.optim.fused and (cfg.optim.foreach or cfg.optim.name == "sgd"):
         raise ConfigError(
             f"optim.fused=true works with optim.name in ['adamw', 'adam'] and optim.foreach unset or false "
@@ -461,8 +581,6 @@ def validate(cfg: Any) -> None:
             raise ConfigError(
                 f"sharding.tp_plan.{name}={style!r} is not allowed; allowed values: ['colwise', 'rowwise']"
             )
-    if cfg.sharding.seed_degree < 0:
-        raise ConfigError(f"sharding.seed_degree={cfg.sharding.seed_degree} must be >= 0")
     from morpho_dist.targets import locate_target
 
     for group in ("model", "data", "task"):
@@ -584,14 +702,13 @@ def group_config(group: str, value: Any, schema: type) -> Any:
         key = getattr(err, "full_key", None) or "?"
         first = str(err).strip().splitlines()[0]
         raise ConfigError(f"{group}.{key}={data.get(key)!r}: {first}") from None
-    for table, rule in ((CHOICES, None), (POSITIVE, "> 0"), (NON_NEGATIVE, ">= 0"), (POW2, "pow2")):
-        for full in table:
-            g, _, key = full.partition(".")
-            if g != group:
-                continue
-            v = node[key]
-            if rule is None and v not in table[full]:
-                raise ConfigError(f"{full}={v!r} is not allowed; allowed values: {list(table[full])}")
-            if (rule == "> 0" and not v > 0) or (rule == ">= 0" and v < 0) or (rule == "pow2" and not _is_pow2(v)):
-                raise ConfigError(f"{full}={v!r} must be {'a power of two' if rule == 'pow2' else rule}")
+    for full, allowed in CHOICES.items():
+        g, _, key = full.partition(".")
+        if g == group and node[key] not in allowed:
+            raise ConfigError(f"{full}={node[key]!r} is not allowed; allowed values: {list(allowed)}")
+    check_rules(node, rules(), f"{group}.")
+    for full, other, ok, what in RELATIONS:
+        (g, _, key), (g2, _, key2) = full.partition("."), other.partition(".")
+        if g == g2 == group and not ok(node[key], node[key2]):
+            raise ConfigError(f"{full}={node[key]!r} must be {what} {other}={node[key2]!r}")
     return OmegaConf.to_object(node)

@@ -53,6 +53,7 @@ FAULT_REASON = "non-finite blueprint output/gradient"
 HOOKS: dict[str, Callable] = {}
 KILL_STEP_ENV, KILL_RANK_ENV = "MORPHO_FAULT_KILL_AT_STEP", "MORPHO_FAULT_RANK"
 KILL_MARKER = ".fault_injected"
+HEAD = 4  # interval extras before the culled table: loss sum, finite steps, steps, applied non-finite steps
 
 
 class DesyncError(RuntimeError):
@@ -67,8 +68,11 @@ class DivergenceError(RuntimeError):
 class SeedGuard:
     """Device-side per-step seed fault detection and cull, plus the host-loss accumulators of an interval."""
 
-    def __init__(self, layers: Mapping[str, Any], embargo_steps: int, device: torch.device) -> None:
+    def __init__(
+        self, layers: Mapping[str, Any], embargo_steps: int, device: torch.device, skip_nonfinite: bool = True
+    ) -> None:
         self.layers = dict(layers)
+        self.skip_nonfinite = bool(skip_nonfinite)
         self.embargo = int(embargo_steps)
         self.device = device
         self.cullable = torch.tensor([int(s) for s in CULLABLE], device=device)
@@ -76,6 +80,8 @@ class SeedGuard:
         self.culled = {k: torch.zeros(layer.num_seeds, dtype=torch.int32, device=device) for k, layer in layers.items()}
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         self.ok_steps = torch.zeros((), dtype=torch.float64, device=device)
+        # steps whose non-finite loss or host gradient reached the optimizer (skip_nonfinite=false)
+        self.applied_bad = torch.zeros((), dtype=torch.float64, device=device)
         self.steps = 0
         self._tel: dict[str, torch.Tensor] = {}
 
@@ -84,6 +90,7 @@ class SeedGuard:
             t.zero_()
         self.loss_sum.zero_()
         self.ok_steps.zero_()
+        self.applied_bad.zero_()
         self.steps = 0
 
     @torch.no_grad()
@@ -135,28 +142,37 @@ class SeedGuard:
             tel.copy_(torch.where(row_ok[:, None], tel, before))
         self.loss_sum += torch.where(ok, loss.detach().double(), 0.0)
         self.ok_steps += ok.double()
+        if not self.skip_nonfinite:
+            self.applied_bad += (~ok).double()
         self.steps += 1
         return ok
 
     def interval_extras(self, mesh: Any) -> torch.Tensor:
-        """This rank's share of [loss sum, finite steps, steps, culled table (L x N_global_max)], to ride in the
-        telemetry SUM all-reduce (replicas of a seed shard add dp copies; ``interval_faults`` divides)."""
+        """This rank's share of [loss sum, finite steps, steps, applied non-finite steps, culled table (L x
+        N_global_max)], to ride in the telemetry SUM all-reduce (replicas of a seed shard add dp copies;
+        ``interval_faults`` divides)."""
         width = max((global_num_seeds(layer) for layer in self.layers.values()), default=0)
         table = torch.zeros(len(self.layers), width, dtype=torch.float64, device=self.device)
         for li, (key, layer) in enumerate(self.layers.items()):
             table[li, layer.seed_offset : layer.seed_offset + layer.num_seeds] = self.culled[key].double()
-        head = torch.stack([self.loss_sum, self.ok_steps, torch.tensor(float(self.steps), device=self.device)])
+        steps = torch.tensor(float(self.steps), dtype=torch.float64, device=self.device)
+        head = torch.stack([self.loss_sum, self.ok_steps, steps, self.applied_bad])
         return torch.cat([head.double(), table.reshape(-1)])
 
     @torch.no_grad()
     def interval_faults(self, values: list[float], report: Any, optimizers: Any, mesh: Any) -> list[Decision]:
         """From the reduced extras: events for the seeds culled on the device since the last interval (already
-        CULLED), whose bank slices are reset and optimizer state zeroed here. Resets the accumulators."""
+        CULLED), whose bank slices are reset and optimizer state zeroed here. Resets the accumulators. When a
+        non-finite step reached the optimizer (``host_fault``) the whole state is poisoned: the seeds' faults
+        are its consequence, not theirs, so none is reported (the divergence restore undoes the culls)."""
         out = []
-        width = (len(values) - 3) // max(len(self.layers), 1)
+        if host_fault(values):
+            self.reset()
+            return out
+        width = (len(values) - HEAD) // max(len(self.layers), 1)
         for li, (key, layer) in enumerate(self.layers.items()):
             for seed in range(global_num_seeds(layer)):
-                code = int(round(values[3 + li * width + seed] / mesh.dp))
+                code = int(round(values[HEAD + li * width + seed] / mesh.dp))
                 if code == 0:
                     continue
                 kind, src = code // 16, Stage(code % 16)
@@ -171,6 +187,11 @@ class SeedGuard:
         return out
 
 
+def host_fault(values: list[float]) -> bool:
+    """Some step of the interval applied a non-finite loss or host gradient to the parameters (any rank)."""
+    return values[3] > 0
+
+
 def interval_loss(values: list[float]) -> tuple[float, float, float]:
     """(mean host loss over the finite steps, finite steps, steps) from the reduced extras (world sums)."""
     loss_sum, ok_steps, steps = values[:3]
@@ -179,37 +200,78 @@ def interval_loss(values: list[float]) -> tuple[float, float, float]:
 
 # ---- host divergence ---------------------------------------------------------------------------------------
 class DivergenceMonitor:
-    """Recent interval mean losses and the divergence rule; its state goes into the checkpoint."""
+    """Recent interval mean losses and the divergence rule; its state goes into the checkpoint.
+
+    An interval whose mean host loss is finite diverged only when it is above all three of: the floor,
+    ``divergence_floor`` times the mean loss of the run's first interval (a loss well below where training
+    started is never a divergence: near zero the loss is noisy and spikes of 10-100x its recent mean are routine,
+    e.g. 0.0015 -> 0.26 and back in the default 12000-step digits run), ``divergence_factor`` times the mean of
+    the last ``window`` good intervals, and that mean plus ``divergence_sigmas`` times their standard deviation.
+    After a restore the batch order is reshuffled (``batch_seed``), so a replay never meets the same batches."""
 
     def __init__(self, cfg: Any) -> None:
         self.factor = float(cfg.divergence_factor)
+        self.floor = float(getattr(cfg, "divergence_floor", 0.0))
+        self.sigmas = float(getattr(cfg, "divergence_sigmas", 0.0))
         self.window = int(cfg.window)
         self.max_rollbacks = int(cfg.max_rollbacks)
         self.recent: list[float] = []
+        self.start: float | None = None  # the mean loss of the run's first good interval
         self.last_good_step = 0
         self.rollbacks = 0
 
     def state_dict(self) -> dict:
-        return {"recent": list(self.recent), "last_good_step": self.last_good_step, "rollbacks": self.rollbacks}
+        return {
+            "recent": list(self.recent),
+            "start": self.start,
+            "last_good_step": self.last_good_step,
+            "rollbacks": self.rollbacks,
+        }
 
     def load_state_dict(self, state: Mapping | None) -> None:
         state = state or {}
         self.recent = [float(v) for v in state.get("recent", [])]
+        self.start = None if state.get("start") is None else float(state["start"])
         self.last_good_step = int(state.get("last_good_step", 0))
         self.rollbacks = int(state.get("rollbacks", self.rollbacks))
 
+    def batch_seed(self, seed: int) -> int:
+        """The data-order seed: the run's seed until the first restore, a fresh order after each one (a function
+        of the rollback count, which the checkpoints carry, so a resumed run draws the same batches)."""
+        return int(seed) if self.rollbacks == 0 else int(seed) + 7_919 * self.rollbacks
+
+    def threshold(self) -> float:
+        """The interval mean loss above which a finite interval diverged (inf with no good interval yet)."""
+        if self.factor <= 0 or not self.recent:
+            return math.inf
+        ref = sum(self.recent) / len(self.recent)
+        spread = math.sqrt(sum((v - ref) ** 2 for v in self.recent) / len(self.recent))
+        floor = self.floor * (self.start if self.start is not None else ref)
+        return max(floor, self.factor * ref, ref + self.sigmas * spread)
+
     def check(self, step: int, values: list[float], seed_faults: int) -> str | None:
-        """None when the interval is good (then it joins the window), else the reason it diverged."""
+        """None when the interval is good (then it joins the window), else the reason it diverged. ``values``:
+        the reduced interval extras (``SeedGuard.interval_extras``). A non-finite step that reached the
+        parameters (``skip_nonfinite=false``) poisons the host state itself: seed faults explain nothing then."""
         mean, ok_steps, steps = interval_loss(values)
         reason = None
         if ok_steps == 0 or not math.isfinite(mean):
             reason = f"host loss non-finite at every step of the interval ending at step {step}"
+        elif host_fault(values):
+            reason = (
+                f"host loss non-finite at {steps - ok_steps:g} step(s) of the interval ending at step {step}, "
+                "applied to the parameters (reliability.skip_nonfinite=false)"
+            )
         elif ok_steps < steps and seed_faults == 0:
             reason = f"host loss non-finite at {steps - ok_steps:g} step(s) of the interval (no seed fault explains it)"
-        elif self.factor > 0 and self.recent and mean > self.factor * (sum(self.recent) / len(self.recent)):
+        elif mean > (limit := self.threshold()):
             ref = sum(self.recent) / len(self.recent)
-            reason = f"interval mean loss {mean:.6g} > {self.factor:g} x recent mean {ref:.6g}"
+            reason = (
+                f"interval mean loss {mean:.6g} > {limit:.6g} (the largest of {self.floor:g} x the first interval's "
+                f"mean, {self.factor:g} x the recent mean {ref:.6g}, the recent mean + {self.sigmas:g} x its spread)"
+            )
         if reason is None:
+            self.start = mean if self.start is None else self.start
             self.recent = [*self.recent, mean][-self.window :]
             self.last_good_step = step
         return reason
