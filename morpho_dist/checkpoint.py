@@ -5,7 +5,20 @@ together into ``step_<k>.tmp/``; rank 0 then writes the marker ``checkpoint.json
 every file) and renames the directory, so a ``step_<k>/`` with its marker is complete, and a crash or a failed
 save never leaves a half-written checkpoint under a final name nor touches the existing ones. The newest
 ``checkpoint.keep`` complete checkpoints are kept. Loading validates the marker and the checksums first: a
-missing, incomplete or corrupt checkpoint is a ``CheckpointError`` naming the path.
+missing, incomplete or corrupt checkpoint is a ``CheckpointError`` naming the path. The marker lists every
+file of the checkpoint (a file it does not list, or a listed file that is missing, makes it corrupt) and the
+config keys that decide the tensors' shapes (``FIT_KEYS``): a resume under a config that does not fit names the
+keys that differ. A save whose host tensors are not all finite is not written (a rollback must never restore a
+poisoned state), and a checkpoint whose host tensors are not finite is refused on load.
+
+A failed save (a full disk, a read-only or unwritable directory, any exception of DCP's, which raises
+``CheckpointException``, a ``BaseException``) removes its ``.tmp`` and raises ``CheckpointError`` on every rank,
+one line naming the path and the cause; the existing checkpoints are untouched.
+
+``run_dir_lock``: one run per run dir. Rank 0 holds an exclusive ``flock`` on ``<run_dir>/.run.lock`` (holding
+its pid, host and start time) for the whole run; the kernel releases it when the process ends however it ends,
+so a lock file left by a dead run is stale and taken over. A second run on the same dir stops with
+``RunDirBusy`` (a ConfigError: one line, exit 2) on every rank before it writes anything.
 
 Every tensor is stored in its global view (morpho_dist.sharding): tensor-parallel host parameters and their
 optimizer state as DTensors, each seeded layer's per-seed state, blueprint bank and seed-optimizer state as one
@@ -23,6 +36,9 @@ summary as an uninterrupted one: batches are a function of (seed, step), and eve
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import glob
 import hashlib
 import json
@@ -31,9 +47,11 @@ import pickle
 import random
 import re
 import shutil
+import socket
 import sys
+import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -49,11 +67,33 @@ from morpho_dist.telemetry import grad_field_scale
 CKPT_DIR = "checkpoints"
 MARKER = "checkpoint.json"  # written last, inside the temporary directory, before the rename
 TMP_SUFFIX = ".tmp"
+LOCK = ".run.lock"
 _STEP_RE = re.compile(r"step_(\d+)$")
+# Config keys that decide which tensors a checkpoint holds and their shapes (a resume must match them).
+FIT_KEYS = (
+    "model",
+    "data.name",
+    "data.features",
+    "data.classes",
+    "seeds.enabled",
+    "seeds.targets",
+    "seeds.exclude",
+    "seeds.per_layer",
+    "seeds.kind",
+    "seeds.rank",
+    "seeds.act",
+    "seeds.blend",
+    "optim.name",
+)
+HOST_PREFIXES = ("model.", "optim.host.", "train.prev_host.")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, incomplete or corrupt, or a save that failed; the message names the path."""
+
+
+class RunDirBusy(ConfigError):
+    """Another live run holds the run dir's lock."""
 
 
 def checkpoint_path(run_dir: str, step: int) -> str:
@@ -95,6 +135,11 @@ def validate(path: str) -> dict:
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"checkpoint {path!r} is corrupt: unreadable {MARKER} ({err})") from None
     found = _file_digests(path)
+    if ".metadata" not in files:
+        raise CheckpointError(f"checkpoint {path!r} is corrupt: its {MARKER} does not list .metadata")
+    unlisted = sorted(set(found) - set(files))
+    if unlisted:
+        raise CheckpointError(f"checkpoint {path!r} is corrupt: file {unlisted[0]!r} is not listed in its {MARKER}")
     for name, (size, digest) in files.items():
         if name not in found:
             raise CheckpointError(f"checkpoint {path!r} is corrupt: file {name!r} is missing")
@@ -202,6 +247,61 @@ def resolve_resume(
     return found
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def _acquire(run_dir: str) -> tuple[int | None, str | None]:
+    """Rank 0: (fd holding the exclusive lock, None) or (None, why not: one line)."""
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        lock = os.path.join(run_dir, LOCK)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        return None, f"run_dir={run_dir!r} cannot be locked ({describe_failure(err)})"
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 4096, 0).decode(errors="replace").split()
+        os.close(fd)
+        who = f"pid {holder[0]} on {holder[1]}" if len(holder) >= 2 else "another process"
+        return None, (
+            f"run_dir={run_dir!r} is in use by another run ({who}); wait for it to end or give this run another "
+            "run_dir (hydra.run.dir=...)"
+        )
+    previous = os.pread(fd, 4096, 0).decode(errors="replace").split()
+    if previous and previous[0].isdigit() and previous[1:2] == [socket.gethostname()]:
+        state = "not running" if not _pid_alive(int(previous[0])) else "its lock released"
+        print(f"note: run_dir={run_dir!r}: taking over the stale lock of pid {previous[0]} ({state})", file=sys.stderr)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()} {socket.gethostname()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode(), 0)
+    return fd, None
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: str, is_main: bool) -> Iterator[str]:
+    """Hold the run dir for this run (rank 0 holds the lock; collective when distributed): RunDirBusy on every
+    rank when another live run holds it. Released on leaving, however (the emptied lock file stays: removing
+    it could let two later runs lock two different files)."""
+    fd, refusal = _acquire(run_dir) if is_main else (None, None)
+    refusal = next((r for r in _gather(refusal) if r), None)
+    if refusal is not None:
+        raise RunDirBusy(refusal)
+    try:
+        yield run_dir
+    finally:
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, 0)
+            os.close(fd)  # releases the flock
+
+
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -269,6 +369,71 @@ def state_dict(
     return sd
 
 
+def fit_config(cfg: Any) -> dict[str, Any]:
+    """The FIT_KEYS of a config, flattened to dotted keys with plain values."""
+    from omegaconf import OmegaConf
+
+    out: dict[str, Any] = {}
+    for key in FIT_KEYS:
+        value = OmegaConf.select(cfg, key, default=None) if cfg is not None else None
+        if value is None:
+            continue
+        value = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+        if isinstance(value, dict):
+            out.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            out[key] = value
+    return out
+
+
+def config_mismatch(saved: Mapping[str, Any], current: Mapping[str, Any]) -> list[str]:
+    """'key=current (checkpoint: saved)' for every fit key the two configs both set and set differently."""
+    return [
+        f"{k}={current[k]!r} (checkpoint: {saved[k]!r})"
+        for k in sorted(saved)
+        if k in current and current[k] != saved[k]
+    ]
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def nonfinite_host_tensors(sd: Mapping[str, Any]) -> list[str]:
+    """The host tensors of a state dict (model, host optimizer state, previous host snapshot) holding a
+    non-finite value on this rank."""
+    return [
+        key
+        for key, t in sd.items()
+        if key.startswith(HOST_PREFIXES)
+        and torch.is_tensor(t)
+        and t.is_floating_point()
+        and not bool(torch.isfinite(_local(t)).all())
+    ]
+
+
+def _gather(value: Any) -> list[Any]:
+    """Every rank's ``value`` (rank order); [value] without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def describe_failure(err: BaseException) -> str:
+    """One line for the cause of a failed save: DCP's CheckpointException carries each rank's exception with
+    its traceback (many lines); the first rank's exception is named instead."""
+    failures = getattr(err, "failures", None)
+    if isinstance(failures, dict) and failures:
+        rank, (inner, _trace) = sorted(failures.items())[0]
+        return f"rank {rank}: {describe_failure(inner)}"
+    if isinstance(err, OSError) and err.errno is not None:
+        where = f": {err.filename!r}" if err.filename else ""
+        return f"{type(err).__name__} [{errno.errorcode.get(err.errno, err.errno)}] {err.strerror}{where}"
+    return " ".join(f"{type(err).__name__}: {err}".split())
+
+
 def save(
     path: str,
     *,
@@ -281,14 +446,26 @@ def save(
     prev_host: list[torch.Tensor] | None = None,
     extra: dict | None = None,
     keep: int = 0,
-) -> str:
+    config: Any = None,
+) -> str | None:
     """Write one DCP checkpoint atomically; every rank calls it (collective when distributed). The files go to
     ``<path>.tmp``; rank 0 adds the marker and renames it to ``path`` once every rank's files are there, then
-    keeps the newest ``keep`` checkpoints (0: all). A failed save raises CheckpointError on every rank and
-    leaves the existing checkpoints as they were."""
+    keeps the newest ``keep`` checkpoints (0: all). Returns the path, or None (on every rank, with a warning
+    from rank 0) when a host tensor is not finite: such a state is never written. A failed save removes the
+    ``.tmp`` and raises CheckpointError on every rank, leaving the existing checkpoints as they were."""
     sd: dict[str, Any] = state_dict(
         mesh=mesh, layers=layers, host_params=host_params, optimizers=optimizers, prev_host=prev_host
     )
+    main = mesh.rank == 0
+    bad = sorted({k for part in _gather(nonfinite_host_tensors(sd)) for k in part})
+    if bad:
+        if main:
+            print(
+                f"warning: not saving checkpoint {path!r}: {len(bad)} host tensor(s) hold non-finite values "
+                f"(first: {bad[0]}); the last complete checkpoint stays the newest",
+                file=sys.stderr,
+            )
+        return None
     sd["meta"] = pickle.dumps(
         {  # one opaque leaf (DCP would flatten a dict, dropping its empty parts)
             "step": int(step),
@@ -299,25 +476,36 @@ def save(
         }
     )
     tmp = path.rstrip(os.sep) + TMP_SUFFIX
-    main = mesh.rank == 0
-    if main:
-        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a save that died
-        os.makedirs(tmp)
-    _barrier()
+    failure: str | None = None
     try:
-        with warnings.catch_warnings():  # DCP says it saves "in a single process" when there is no process group
-            warnings.filterwarnings("ignore", message=".*single process.*", category=UserWarning)
-            dcp.save(sd, checkpoint_id=tmp)  # collective: a failure on one rank raises on every rank
-        _barrier()
         if main:
-            _commit(tmp, path, step, keep)
-    except Exception as err:
+            shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a save that died
+            os.makedirs(tmp)
+    except OSError as err:
+        failure = describe_failure(err)
+    failure = next((f for f in _gather(failure) if f), None)  # rank 0's verdict, on every rank
+    if failure is None:
+        try:
+            with warnings.catch_warnings():  # DCP says it saves "in a single process" without a process group
+                warnings.filterwarnings("ignore", message=".*single process.*", category=UserWarning)
+                dcp.save(sd, checkpoint_id=tmp)  # collective: a failure on one rank raises on every rank
+            _barrier()
+            if main:
+                _commit(tmp, path, step, keep, fit_config(config))
+        except (KeyboardInterrupt, SystemExit):
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        except BaseException as err:  # noqa: BLE001  DCP's CheckpointException is a BaseException
+            failure = describe_failure(err)
+        failure = next((f for f in _gather(failure) if f), None)
+    if failure is not None:
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(
-            f"saving checkpoint {path!r} failed ({type(err).__name__}: {err}); the earlier checkpoints are untouched"
-        ) from err
-    _barrier()
+            f"saving checkpoint {path!r} failed ({failure}); the .tmp was removed, the earlier checkpoints are "
+            "untouched"
+        )
     return path
 
 
@@ -334,12 +522,13 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _commit(tmp: str, path: str, step: int, keep: int) -> None:
-    """Rank 0, after every rank wrote its files into ``tmp``: the marker (with the files' checksums), then the
-    rename to the final name; an existing checkpoint of the same step is replaced only after that succeeded.
-    Then only the newest ``keep`` complete checkpoints (and no temporary directory) are left."""
+def _commit(tmp: str, path: str, step: int, keep: int, config: dict | None = None) -> None:
+    """Rank 0, after every rank wrote its files into ``tmp``: the marker (every file with its checksum, the fit
+    config), then the rename to the final name; an existing checkpoint of the same step is replaced only after
+    that succeeded. Then only the newest ``keep`` complete checkpoints (and no temporary directory) are left."""
+    marker = {"format": 2, "step": int(step), "files": _file_digests(tmp), "config": config or {}}
     with open(os.path.join(tmp, MARKER), "w") as fh:
-        json.dump({"format": 1, "step": int(step), "files": _file_digests(tmp)}, fh)
+        json.dump(marker, fh)
         fh.flush()
         os.fsync(fh.fileno())
     old = None
@@ -385,10 +574,15 @@ def load(
     optimizers: Any,
     controller: Any,
     prev_host: list[torch.Tensor] | None = None,
+    config: Any = None,
 ) -> tuple[int, dict]:
     """Restore everything in place from a checkpoint saved under any mesh; returns (step, extra). The
-    checkpoint is validated first (CheckpointError naming the path when it is missing, incomplete or corrupt)."""
-    validate(path)
+    checkpoint is validated first (CheckpointError naming the path when it is missing, incomplete or corrupt,
+    or when ``config`` does not fit it: one line with the keys that differ)."""
+    marker = validate(path)
+    differ = config_mismatch(marker.get("config", {}), fit_config(config)) if config is not None else []
+    if differ:
+        raise CheckpointError(f"checkpoint {path!r} does not fit this config: {'; '.join(differ)}")
     saved = set(dcp.FileSystemReader(path).read_metadata().state_dict_metadata)
     _ensure_host_optim_state(optimizers, host_params, saved)
     sd: dict[str, Any] = state_dict(
@@ -396,12 +590,34 @@ def load(
     )
     missing = sorted(k for k in sd if k not in saved and not k.startswith("train."))
     if missing:
-        raise ValueError(f"checkpoint {path!r} does not match this model: missing {missing[:5]}")
+        raise CheckpointError(f"checkpoint {path!r} does not fit this model: it lacks {missing[:3]}")
+    shapes = {
+        k: tuple(m.size)
+        for k, m in dcp.FileSystemReader(path).read_metadata().state_dict_metadata.items()
+        if hasattr(m, "size")
+    }
+    differ = [
+        f"{k} {tuple(v.shape)} (checkpoint: {shapes[k]})"
+        for k, v in sd.items()
+        if k in shapes and torch.is_tensor(v) and tuple(v.shape) != shapes[k]
+    ]
+    if differ:
+        raise CheckpointError(f"checkpoint {path!r} does not fit this model: {'; '.join(differ[:3])}")
     sd = {k: v for k, v in sd.items() if k in saved}
     sd["meta"] = b""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*single process.*", category=UserWarning)
-        dcp.load(sd, checkpoint_id=path)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*single process.*", category=UserWarning)
+            dcp.load(sd, checkpoint_id=path)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # noqa: BLE001  DCP's CheckpointException is a BaseException
+        raise CheckpointError(f"loading checkpoint {path!r} failed ({describe_failure(err)})") from None
+    bad = sorted({k for part in _gather(nonfinite_host_tensors(sd)) for k in part})
+    if bad:
+        raise CheckpointError(
+            f"checkpoint {path!r} is not usable: {len(bad)} host tensor(s) hold non-finite values (first: {bad[0]})"
+        )
     scale = 1.0 / grad_field_scale(mesh.dp)
     for lname, layer in layers.items():
         tel = sd[f"seeds.{lname}.telemetry"]

@@ -153,7 +153,9 @@ class Morphogenesis:
         self.monitor = DivergenceMonitor(self.reliability_cfg)
         self.device = self._layers_device()
         self.seed_optimizer = make_seed_optimizer(self.optim_cfg, self.layers, 0.0) if self.layers else None
-        self.guard = SeedGuard(self.layers, self.controller_cfg.embargo_steps, self.device)
+        self.guard = SeedGuard(
+            self.layers, self.controller_cfg.embargo_steps, self.device, self.reliability_cfg.skip_nonfinite
+        )
         self.steps = 0  # completed steps
         self.events: list[dict] = []  # every event so far (this process)
         self.last_report = None
@@ -348,7 +350,7 @@ class Morphogenesis:
                 for key in st:
                     st[key] = st[key].to(now)
             self.seed_optimizer._ids = {k: t.to(now) for k, t in self.seed_optimizer._ids.items()}
-        self.guard = SeedGuard(self.layers, self.controller_cfg.embargo_steps, now)
+        self.guard = SeedGuard(self.layers, self.controller_cfg.embargo_steps, now, self.reliability_cfg.skip_nonfinite)
         self._host_named = None
         if self._prev_host is not None:
             self._prev_host = [t.to(now) for t in self._prev_host]

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import sys
 from typing import Any
 
 import numpy as np
@@ -37,17 +38,52 @@ def _clean(v: Any) -> Any:
     return v
 
 
-def _truncate_jsonl(path: str, after_step: int, source: str | None = None) -> None:
-    """Keep the records of steps <= after_step (a resumed run rewrites the later ones); with ``source`` (the
-    same file of the run dir it resumed from), the records are carried over from there, so that a run resumed
-    into a new run dir holds its whole history."""
+def read_jsonl(path: str) -> list[dict]:
+    """The records of a JSONL log. A line that does not parse (the torn last line a crash or a full disk leaves
+    behind) is dropped, with a one-line note on stderr: it never stops a resume."""
+    records, torn = [], 0
+    with open(path, "rb") as fh:
+        for raw in fh:
+            if not raw.strip():
+                continue
+            try:
+                rec = json.loads(raw)
+            except ValueError:
+                torn += 1
+                continue
+            if isinstance(rec, dict):
+                records.append(rec)
+            else:
+                torn += 1
+    if torn:
+        note = f"note: {path}: dropped {torn} torn line(s) (a write cut short by a crash or a full disk)"
+        print(note, file=sys.stderr)
+    return records
+
+
+def _truncate_jsonl(path: str, after_step: int, source: str | None = None) -> list[dict]:
+    """Keep the records of steps <= after_step (a resumed run rewrites the later ones) and drop any torn line;
+    with ``source`` (the same file of the run dir it resumed from), the records are carried over from there, so
+    that a run resumed into a new run dir holds its whole history. The file is replaced whole (written aside,
+    then renamed): a crash here leaves the old file or the new one. Returns the records kept."""
     source = source or path
     if not os.path.exists(source):
-        return
-    with open(source) as fh:
-        keep = [line for line in fh if line.strip() and json.loads(line).get("step", 0) <= after_step]
-    with open(path, "w") as fh:
-        fh.writelines(keep)
+        return []
+    keep = [rec for rec in read_jsonl(source) if rec.get("step", 0) <= after_step]
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        fh.writelines(json.dumps(rec) + "\n" for rec in keep)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    return keep
+
+
+def _write_lines(fh: Any, records: list[dict]) -> None:
+    """Whole lines in one write, flushed: what a crash can leave is at most one torn last line."""
+    if records:
+        fh.write("".join(json.dumps(_clean(rec)) + "\n" for rec in records))
+        fh.flush()
 
 
 class Backend:
@@ -76,8 +112,7 @@ class JsonlBackend(Backend):
         self.fh = open(self.path, "a" if resume_step is not None else "w")  # noqa: SIM115  closed in finish()
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
-        self.fh.write(json.dumps(_clean({"step": step, **values})) + "\n")
-        self.fh.flush()
+        _write_lines(self.fh, [{"step": step, **values}])
 
     def finish(self, summary: dict, events: list[dict], stages: dict[str, list[int]]) -> None:
         self.fh.close()
@@ -168,13 +203,14 @@ class RunLog:
         self.all_events: list[dict] = []
         if resume_step is not None:
             mode = "a"
-            for path in (self.events_path, self.telemetry_path):
-                _truncate_jsonl(path, resume_step, source_dir and os.path.join(source_dir, os.path.basename(path)))
+            src = {
+                p: source_dir and os.path.join(source_dir, os.path.basename(p))
+                for p in (self.events_path, self.telemetry_path)
+            }
+            self.all_events = _truncate_jsonl(self.events_path, resume_step, src[self.events_path])
+            _truncate_jsonl(self.telemetry_path, resume_step, src[self.telemetry_path])
             if source_dir:
                 LOG.info("resumed at step %d from %s (its records up to there carried over)", resume_step, source_dir)
-            if os.path.exists(self.events_path):
-                with open(self.events_path) as fh:
-                    self.all_events = [json.loads(line) for line in fh if line.strip()]
         self.events_fh = open(self.events_path, mode)  # noqa: SIM115  closed in finish()
         self.telemetry_fh = open(self.telemetry_path, mode)  # noqa: SIM115
 
@@ -195,19 +231,14 @@ class RunLog:
                 e["to"],
                 e.get("reason"),
             )
-            self.events_fh.write(json.dumps(_clean(e)) + "\n")
-        for rec in report.records():
-            self.telemetry_fh.write(json.dumps(_clean(rec)) + "\n")
-        self.events_fh.flush()
-        self.telemetry_fh.flush()
+        _write_lines(self.events_fh, events)
+        _write_lines(self.telemetry_fh, list(report.records()))
         self.all_events.extend(events)
         self.backend.interval(step, report, events, stages)
 
     def events(self, events: list[dict]) -> None:
         """Events outside a controller interval (a divergence restore and its rollbacks)."""
-        for e in events:
-            self.events_fh.write(json.dumps(_clean(e)) + "\n")
-        self.events_fh.flush()
+        _write_lines(self.events_fh, events)
         self.all_events.extend(events)
 
     def finish(self, summary: dict, stages: dict[str, list[int]]) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 import time
 from typing import Any
 
@@ -88,19 +89,25 @@ class Checkpoints:
     optimizer and the FLOP meter."""
 
     def __init__(self, cfg: Any, run_dir: str, built: dict) -> None:
-        self.cfg, self.run_dir = cfg.checkpoint, run_dir
+        self.cfg, self.run_dir, self.app_cfg = cfg.checkpoint, run_dir, cfg
         self.morph, self.optimizer, self.flops = built["morph"], built["optimizer"], built["flops"]
 
     def restore(self, path: str) -> str:
-        at, extra = checkpoint.load(path, **self.morph.training_state(self.optimizer))
+        at, extra = checkpoint.load(path, config=self.app_cfg, **self.morph.training_state(self.optimizer))
         self.morph.after_restore(at, extra.get("reliability"))
         self.flops.load_state_dict(extra.get("flops") or {})
         return path
 
     def roll_back(self, last_good_step: int) -> str | None:
-        """The engine's rollback: the newest checkpoint at or before ``last_good_step``, restored (None: none)."""
-        target = checkpoint.latest_checkpoint(self.run_dir, max_step=last_good_step)
-        return None if target is None else self.restore(target)
+        """The engine's rollback: the newest checkpoint at or before ``last_good_step`` that can be restored
+        (walking back past any that is corrupt or holds non-finite host tensors), restored; None: none."""
+        candidates = [p for s, p in checkpoint.list_checkpoints(self.run_dir) if s <= last_good_step]
+        for target in reversed(candidates):
+            try:
+                return self.restore(target)
+            except checkpoint.CheckpointError as err:
+                print(f"warning: not restoring {target}: {err}", file=sys.stderr)
+        return None
 
     def resume(self, steps: int, announce: bool) -> str | None:
         """checkpoint.resume (a path, a run dir, "auto"); a worker restarted by torchrun resumes "auto". Returns
@@ -108,7 +115,9 @@ class Checkpoints:
         resume = self.cfg.resume
         if resume in (None, "", "null") and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
             resume = "auto"
-        path = checkpoint.resolve_resume(resume, self.run_dir, steps=steps, announce=announce)
+        fit = checkpoint.fit_config(self.app_cfg)
+        fits = lambda marker: not checkpoint.config_mismatch(marker.get("config", {}), fit)  # noqa: E731
+        path = checkpoint.resolve_resume(resume, self.run_dir, steps=steps, fits=fits, announce=announce)
         if path is not None:
             self.restore(path)
         return path
@@ -116,9 +125,8 @@ class Checkpoints:
     def save(self, step: int) -> None:
         path = checkpoint.checkpoint_path(self.run_dir, step)
         extra = {"reliability": self.morph.monitor.state_dict(), "flops": self.flops.state_dict()}
-        checkpoint.save(
-            path, step=step, extra=extra, keep=int(self.cfg.keep), **self.morph.training_state(self.optimizer)
-        )
+        state = self.morph.training_state(self.optimizer)
+        checkpoint.save(path, step=step, extra=extra, keep=int(self.cfg.keep), config=self.app_cfg, **state)
 
     def save_if_due(self, step: int, last: bool) -> None:
         every = int(self.cfg.every)
@@ -130,6 +138,15 @@ class Checkpoints:
         path = checkpoint.checkpoint_path(self.run_dir, step)
         if int(self.cfg.every) and step > start and checkpoint.latest_checkpoint(self.run_dir) != path:
             self.save(step)
+
+
+def train_batches(cfg: Any, built: dict, monitor: Any, device: torch.device) -> Any:
+    """The training batches: the run's stream until the first divergence restore, then a fresh order per restore
+    (``DivergenceMonitor.batch_seed``), so that a replay never meets the same batches."""
+    if monitor.rollbacks == 0:
+        return built["stream"]
+    mesh, seed, size = built["mesh"], monitor.batch_seed(int(cfg.seed)), int(cfg.train.batch_size)
+    return built["data"].stream(size, seed=seed, rank=mesh.dp_rank, world_size=mesh.dp, device=device)
 
 
 class Recorder:
@@ -154,7 +171,10 @@ def run(cfg: Any, record: dict | None = None, stop: StopSignal | None = None) ->
     device = pick_device(env, cfg.train.device, per_device)
     timeout = float(cfg.reliability.collective_timeout_s)
     with process_group(env, device, timeout, backend=str(cfg.sharding.backend), ranks_per_device=per_device):
-        return train(cfg, env, device, record, stop)
+        if not cfg.run_dir:
+            cfg.run_dir = resolve_run_dir(cfg, env)  # picked once (rank 0's choice on every rank)
+        with checkpoint.run_dir_lock(str(cfg.run_dir), env.is_main):  # one run per run dir
+            return train(cfg, env, device, record, stop)
 
 
 def train(cfg: Any, env: DistEnv, device: torch.device, record: dict | None, stop: StopSignal | None) -> dict:
@@ -180,6 +200,7 @@ def train(cfg: Any, env: DistEnv, device: torch.device, record: dict | None, sto
     steps, log_every = int(cfg.train.steps), int(cfg.train.log_every)
     bar = tqdm(total=steps, initial=start, disable=not (env.is_main and cfg.train.progress), dynamic_ncols=True)
     loss, losses = torch.zeros(()), []
+    batches, batches_drawn = stream, 0
     while morph.steps < steps:
         step = morph.steps
         if stop is not None and stop.stop_after(step):
@@ -190,7 +211,9 @@ def train(cfg: Any, env: DistEnv, device: torch.device, record: dict | None, sto
         maybe_kill(step, env.rank, run_dir)
         hook("before_step", step, {"layers": morph.layers, "model": model, "mesh": mesh, "morph": morph})
         model.train()
-        x, y = stream.batch(step)
+        if batches_drawn != morph.monitor.rollbacks:  # a fresh batch order after each divergence restore
+            batches, batches_drawn = train_batches(cfg, b, morph.monitor, device), morph.monitor.rollbacks
+        x, y = batches.batch(step)
         output = ddp(x)
         loss = hook("loss", step, task.loss(output, y))
         optimizer.zero_grad(set_to_none=True)

@@ -3,6 +3,7 @@ divergence restores the last good checkpoint, checkpoints are atomic, kept K dee
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 
@@ -143,6 +144,121 @@ def test_host_divergence_restores_the_last_good_checkpoint(tmp_path):
     assert torch.isfinite(torch.tensor(s["val_loss"]))
     steps = [st for st, _ in rec["losses"]]
     assert steps == list(range(1, 31)) + list(range(21, 41))  # 21..30 again after the restore
+    # the replay draws other batches (a reshuffled order), so it cannot meet the same divergence again
+    first, replay = rec["losses"][20:30], rec["losses"][30:40]
+    assert [s for s, _ in first] == [s for s, _ in replay] and all(a != b for (_, a), (_, b) in zip(first, replay))
+
+
+def _events(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+
+
+def test_healthy_fast_converging_run_is_never_rolled_back(tmp_path):
+    """A short real run with the default controller and divergence rule: it converges and never restores."""
+    rec: dict = {}
+    overrides = ["kernel.backend=reference", "train.progress=false", "train.log_every=0", "logger=jsonl"]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=[*overrides, f"run_dir={tmp_path}", "train.steps=300", "train.lr=0.01"])
+        cfg.checkpoint.every = 50
+    s = run(cfg, rec)
+    assert not [e for e in _events(tmp_path) if e["command"] in ("restore", "rollback")]
+    losses = [v for _, v in rec["losses"]]
+    assert s["steps"] == 300 and sum(losses[-50:]) / 50 < 0.1 * sum(losses[:10]) / 10
+
+
+def test_skip_nonfinite_off_blames_the_host_and_walks_back(tmp_path, capfd):
+    """skip_nonfinite=false and one NaN loss at step 22: the optimizer applies it (every weight goes NaN), so
+    the save at step 25 is refused (a poisoned state is never written), no seed is culled for it, and at the
+    interval (step 30) the divergence restores step 20, the newest good checkpoint."""
+    reliability.HOOKS["before_step"] = _grow([0, 1], Stage.TRAINING)
+    fired = []
+
+    def nan_once(step, loss):
+        if step == 21 and not fired:
+            fired.append(step)
+            return loss * float("nan")
+        return loss
+
+    reliability.HOOKS["loss"] = nan_once
+    rec: dict = {}
+    over = ["train.steps=40", "checkpoint.every=5", "controller.interval=10", "reliability.skip_nonfinite=false"]
+    s = _run(tmp_path, *over, record=rec)
+    err = capfd.readouterr().err
+    assert "not saving checkpoint" in err and "step_0000025" in err and "non-finite" in err
+    assert not [e for e in rec["events"] if e["command"] == "cull"], rec["events"]
+    restores = [e for e in _events(tmp_path) if e["command"] == "restore"]
+    assert (
+        len(restores) == 1
+        and "step_0000020" in restores[0]["reason"]
+        and "skip_nonfinite=false" in (restores[0]["reason"])
+    )
+    assert s["steps"] == 40 and s["seed_states"]["embed"] == ["TRAINING", "TRAINING"]
+    for _, path in checkpoint.list_checkpoints(str(tmp_path)):
+        full = read_full(path)
+        assert all(torch.isfinite(v).all() for v in full.values() if torch.is_tensor(v) and v.is_floating_point())
+
+
+def test_rollback_walks_back_past_a_checkpoint_it_cannot_restore(tmp_path):
+    """The newest candidate (step 20) is corrupt when the divergence comes: step 15 is restored instead."""
+    fired = []
+
+    def blow_up(step, loss):
+        if step == 27 and not fired:
+            fired.append(step)
+            return loss * 1e6
+        return loss
+
+    def corrupt_20(step, ctx):
+        if step == 23:
+            path = tmp_path / "checkpoints" / "step_0000020"
+            data = next(f for f in os.listdir(path) if f.endswith(".distcp"))
+            with open(path / data, "r+b") as fh:
+                fh.seek(4)
+                fh.write(b"\xff\xff")
+
+    reliability.HOOKS["loss"] = blow_up
+    reliability.HOOKS["before_step"] = corrupt_20
+    rec: dict = {}
+    s = _run(tmp_path, "train.steps=30", "checkpoint.every=5", "controller.interval=10", record=rec)
+    restores = [e for e in _events(tmp_path) if e["command"] == "restore"]
+    assert len(restores) == 1 and restores[0]["value"] == 15 and "step_0000015" in restores[0]["reason"]
+    assert [st for st, _ in rec["losses"]][30:] == list(range(16, 31)) and s["steps"] == 30
+
+
+def test_non_finite_checkpoint_is_refused_on_load(tmp_path, monkeypatch):
+    """A checkpoint holding a non-finite host tensor (written by a version without the save check) is never
+    accepted: loading it is a one-line CheckpointError naming the tensor."""
+
+    def poison(step, ctx):  # Adam's second moment of a host weight: inf (the weights and the loss stay finite)
+        if step == 4:
+            state = next(iter(ctx["optimizers"].host.state.values()))
+            state["exp_avg_sq"].view(-1)[0] = float("inf")
+
+    reliability.HOOKS["before_step"] = poison
+    monkeypatch.setattr(checkpoint, "nonfinite_host_tensors", lambda sd: [])
+    _run(tmp_path / "a", "train.steps=5")
+    monkeypatch.undo()
+    reliability.HOOKS.clear()
+    with pytest.raises(checkpoint.CheckpointError, match=r"step_0000005' is not usable: .*non-finite.*optim\.host\."):
+        _run(tmp_path / "b", "train.steps=10", f"checkpoint.resume={tmp_path / 'a'}")
+
+
+def test_torn_log_lines_do_not_block_a_resume(tmp_path, capfd):
+    """A crash (or a full disk) mid-write leaves a partial last line in the logs; resuming in place drops it
+    with a one-line note, and the logs of the resumed run are whole."""
+    _run(tmp_path, "train.steps=20", "checkpoint.every=10")
+    for name in ("telemetry.jsonl", "events.jsonl", "metrics.jsonl"):
+        with open(tmp_path / name, "a") as fh:
+            fh.write('{"step": 21, "layer": "emb')
+    s = _run(tmp_path, "train.steps=30", "checkpoint.every=10", "checkpoint.resume=auto")
+    assert s["steps"] == 30
+    err = capfd.readouterr().err
+    assert "telemetry.jsonl: dropped 1 torn line(s)" in err
+    for name in ("telemetry.jsonl", "events.jsonl", "metrics.jsonl"):
+        lines = (tmp_path / name).read_text().splitlines()
+        assert all(json.loads(line) for line in lines if line.strip()), name
+    steps = [json.loads(line)["step"] for line in (tmp_path / "telemetry.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps[-1] == 30 and 25 in steps
 
 
 def test_divergence_without_a_checkpoint_is_a_clear_error(tmp_path):
