@@ -93,6 +93,41 @@ def test_training_promotion_needs_patience_and_min_steps_and_culls_when_useless(
     assert cmds(d) == [("fc", 0, "cull", Stage.CULLED)] and d[0].value == 33.0
 
 
+def test_benefit_threshold_off_its_default():
+    """useful means benefit < -benefit_threshold (strictly): with threshold 0.5, benefit -0.3 and -0.5 are not
+    useful, -0.7 is."""
+    cfg = ControllerConfig(patience_k=1, min_training_steps=0, benefit_threshold=0.5, max_active=1)
+    t = lambda b: rep(sr(0, Stage.TRAINING, benefit=b, steps_in_stage=30))  # noqa: E731
+    assert Controller(cfg).decide(t(-0.3), 10) == []
+    assert Controller(cfg).decide(t(-0.5), 10) == []
+    assert cmds(Controller(cfg).decide(t(-0.7), 10)) == [("fc", 0, "advance", Stage.GRAFTING)]
+    assert cmds(Controller(replace(cfg, benefit_threshold=0.0)).decide(t(-0.3), 10))[0][2] == "advance"
+
+
+def test_alpha_done_and_fossilize_threshold_off_their_defaults():
+    cfg = ControllerConfig(max_active=0, alpha_done=0.8, fossilize_threshold=0.3, evaluate_threshold=0.0)
+    ctl = Controller(cfg)
+    assert ctl.decide(rep(sr(0, Stage.GRAFTING, alpha=0.79)), 1) == []
+    assert cmds(ctl.decide(rep(sr(0, Stage.GRAFTING, alpha=0.8)), 1))[0][3] == Stage.STABILIZATION
+    ft = rep(sr(0, Stage.FINE_TUNING, steps_in_stage=10**6))
+    ft.counterfactual[("fc", 0)] = (1.0, 1.25)  # improvement 0.25 <= 0.3: culled, although > evaluate_threshold
+    assert cmds(ctl.decide(ft, 1))[0][2] == "cull"
+    ft.counterfactual[("fc", 0)] = (1.0, 1.35)
+    assert cmds(ctl.decide(ft, 1))[0][3] == Stage.FOSSILIZED
+    ev = rep(sr(0, Stage.EVALUATING, alpha=1.0))
+    ev.counterfactual[("fc", 0)] = (1.0, 1.25)  # the evaluate threshold (0) applies in EVALUATING
+    assert cmds(ctl.decide(ev, 1))[0][3] == Stage.FINE_TUNING
+
+
+def test_dead_frac_threshold_off_its_default():
+    # the grad cut is the largest grad_rms (quantile 1): seed 0 qualifies by it, seed 1 only by its dead fraction
+    # (then it ranks first: score 0.1 / 0.3 + 0.8 > 0.3 / 0.3)
+    seeds = [sr(0, grad_rms=0.3), sr(1, grad_rms=0.1, dead_frac=0.8), sr(2, grad_rms=0.2)]
+    cfg = ControllerConfig(max_active=1, germinate_grad_quantile=1.0)
+    assert Controller(replace(cfg, dead_frac_threshold=0.7)).decide(rep(*seeds), 10)[0].seed == 1
+    assert Controller(replace(cfg, dead_frac_threshold=0.9)).decide(rep(*seeds), 10)[0].seed == 0
+
+
 def test_linear_seed_promotes_on_reconstruction_error():
     ctl = Controller(ControllerConfig(patience_k=1, min_training_steps=0, rec_rel_threshold=0.2, max_active=1))
     lin = lambda err: rep(sr(0, Stage.TRAINING, blend=2, delta_rms=err, rms=2.0, benefit=5.0))  # noqa: E731

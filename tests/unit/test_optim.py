@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from morpho_dist.layer import SeededLayer
@@ -59,3 +60,28 @@ def test_sgd_momentum_masks_idle_seeds():
     opt.step()
     torch.testing.assert_close(layer.bank.p1.detach()[0], before[0] - 0.5)
     assert torch.equal(layer.bank.p1.detach()[1], before[1])
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["torch", "fused-kernel"])
+def test_sgd_momentum_through_a_skipped_step(fused):
+    """momentum 0.9 (off the test above's 0): a skipped step (ok False, NaN gradients) leaves the momentum and
+    the banks as they were, so the next step is p - lr * (0.9 * m + g) with the momentum of the step before it;
+    the DORMANT seed never moves and keeps zero momentum."""
+    layer = _layer()
+    layer.stage[0] = int(Stage.FINE_TUNING)  # seed 1 stays DORMANT
+    before = layer.bank.p1.detach().clone()
+    opt = SeedOptimizer({"l": layer}, name="sgd", lr=0.5, momentum=0.9, fused=fused)
+    yes, no = torch.tensor(True), torch.tensor(False)
+    _grads(layer)
+    opt.step(yes)  # m = 1, p -= 0.5
+    for p in (layer.bank.p0, layer.bank.p1):
+        p.grad = torch.full_like(p, float("nan"))
+    opt.step(no)  # skipped: nothing moves
+    torch.testing.assert_close(layer.bank.p1.detach()[0], before[0] - 0.5)
+    _grads(layer)
+    opt.step(yes)  # m = 0.9 * 1 + 1 = 1.9, p -= 0.5 * 1.9
+    torch.testing.assert_close(layer.bank.p1.detach()[0], before[0] - 0.5 - 0.95)
+    assert torch.isfinite(layer.bank.p0).all() and torch.isfinite(layer.bank.p1).all()
+    assert torch.equal(layer.bank.p1.detach()[1], before[1])
+    assert torch.equal(opt.state["l"]["m_p1"][1], torch.zeros_like(before[1]))
+    torch.testing.assert_close(opt.state["l"]["m_p1"][0], torch.full_like(before[0], 1.9))
