@@ -11,8 +11,11 @@ reference only). Then:
   valid one returns y, rec_loss, dx, dp0, dp1 and telemetry (forward and backward fields, accumulated onto the
   buffer's previous contents) equal to an independent per-seed float64 oracle written from DESIGN.md section 2,
   with y and dx bit-identical to x and dy on the columns of idle and TRAINING seeds;
-- triton (Triton's interpreter on CPU; few, tiny cases): the same error contract, and on valid calls the same
-  outputs, grads and telemetry as the reference on the same inputs.
+- triton (Triton's interpreter on CPU; 100 tiny examples, about half of them valid calls): the same error
+  contract, and on valid calls the same outputs, grads and telemetry as the reference on the same inputs.
+
+Telemetry is compared column by column (the counts exactly); both properties draw their examples from a recorded
+seed (REFERENCE_SEED, TRITON_SEED), so a run checks the same examples every time.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, currently_in_test_context, event, given, note, settings
+from hypothesis import HealthCheck, currently_in_test_context, event, given, note, seed, settings
 from hypothesis import strategies as st
 
 from morpho_dist.kernels.options import KernelOptions
@@ -37,6 +40,12 @@ BOTH = frozenset({"reference", "triton"})
 TRITON = frozenset({"triton"})
 TENSOR_ARGS = ("x", "stage", "blend", "alpha", "p0", "p1", "telemetry")
 TOL = {torch.float64: 1e-9, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+# Telemetry columns (kernels/layout.py order, written out). The counts add whole numbers to the buffer's
+# previous contents: they must agree to within half a count (an off-by-one anywhere fails).
+TELEMETRY_COLUMNS = ("count", "sum", "sumsq", "dead", "absmax", "grad_sq", "benefit", "delta_sq")
+COUNT_COLUMNS = ("count", "dead")
+# Recorded example seeds: every run draws the same examples (a failure reproduces without the database).
+REFERENCE_SEED, TRITON_SEED = 20261203, 20261204
 
 
 @dataclass
@@ -412,6 +421,18 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, tol: float, what: str) -
     torch.testing.assert_close(got.double(), want, atol=tol * scale, rtol=tol, msg=lambda m: f"{what}: {m}")
 
 
+def assert_telemetry_close(got: torch.Tensor, want: torch.Tensor, tol: float) -> None:
+    """Field by field: each column against its own scale (max(1, max |column|)), never the whole table's (the
+    counts would let every small field drift by tol x the row count); the counts to within half a count."""
+    assert got.shape == want.shape and got.shape[-1] == len(TELEMETRY_COLUMNS), f"telemetry shape {got.shape}"
+    for f, name in enumerate(TELEMETRY_COLUMNS):
+        g, w = got[..., f].double(), want[..., f].double()
+        if name in COUNT_COLUMNS:
+            torch.testing.assert_close(g, w, atol=0.5, rtol=0.0, msg=lambda m, name=name: f"telemetry {name}: {m}")
+        else:
+            assert_close(g, w, tol, f"telemetry {name}")
+
+
 def call_checked(case: Case, backend: str, **kw):
     """Call the op; return its outputs, or None after checking the refusal contract."""
     tel = case.telemetry
@@ -451,7 +472,8 @@ def assert_passthrough(case: Case, out: dict) -> None:
 
 
 # ---- properties ----------------------------------------------------------------------------------------------------
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@seed(REFERENCE_SEED)
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
 @given(case=cases("reference"))
 def test_reference_is_right_or_refuses(case: Case):
     tel_before = case.telemetry.clone() if isinstance(case.telemetry, torch.Tensor) else None
@@ -469,11 +491,16 @@ def test_reference_is_right_or_refuses(case: Case):
         assert_close(out[name], want[name], max(TOL[p_dtype], TOL[compute]), name)
     if "tel" in want:
         tol = 1e-5 if compute == torch.float32 else 1e-6  # the buffer is fp32 whatever x is
-        assert_close(out["tel"], want["tel"], tol, "telemetry")
+        assert_telemetry_close(
+            out["tel"],
+            want["tel"],
+            tol,
+        )
     assert_passthrough(case, out)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@seed(TRITON_SEED)
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
 @given(
     # strided stage/blend/alpha/telemetry: the known bug of the xfails below
     case=cases("triton", tiny=True, noncontig=("x", "p0", "p1")),
@@ -493,7 +520,7 @@ def test_triton_matches_reference_or_refuses(case: Case, block_rows: int, block_
     for name in ("y", "dx", "rec_loss", "dp0", "dp1"):
         assert_close(got[name], want[name], tol, name)
     if ref_tel is not None:
-        assert_close(got["tel"], ref_tel, 2e-2 if low else 1e-5, "telemetry")
+        assert_telemetry_close(got["tel"], ref_tel, 2e-2 if low else 1e-5)
     assert_passthrough(case, got)
 
 
