@@ -1,0 +1,268 @@
+"""morpho_dist.checkpoint without a training run (fast; the mutation script's tests for checkpoint.py): the marker
+and what validation refuses, the newest-K pruning, the config a checkpoint must fit, the one-line failure causes,
+saves that fail or refuse a non-finite host, loads that refuse what does not fit, and the run-dir lock."""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from morpho_dist import checkpoint
+from morpho_dist.checkpoint import CheckpointError
+
+MESH = SimpleNamespace(rank=0, dp=1, dp_rank=0, seed=1, mode="data", device_mesh=None)
+
+
+def _fake_checkpoint(root, step: int, files: dict[str, bytes], keep: int = 0, config: dict | None = None) -> str:
+    """A checkpoint directory committed the way save() commits one: files in <path>.tmp, then _commit."""
+    path = checkpoint.checkpoint_path(str(root), step)
+    tmp = path + checkpoint.TMP_SUFFIX
+    os.makedirs(tmp)
+    for name, data in files.items():
+        with open(os.path.join(tmp, name), "wb") as fh:
+            fh.write(data)
+    checkpoint._commit(tmp, path, step, keep, config)
+    return path
+
+
+FILES = {".metadata": b"meta", "__0_0.distcp": b"0123456789"}
+
+
+def _write(path: str, name: str, data: bytes, mode: str = "wb") -> None:
+    with open(os.path.join(path, name), mode) as fh:
+        fh.write(data)
+
+
+def _marker(path: str) -> dict:
+    with open(os.path.join(path, checkpoint.MARKER)) as fh:
+        return json.load(fh)
+
+
+def _set_marker(path: str, marker: dict) -> None:
+    _write(path, checkpoint.MARKER, json.dumps(marker).encode())
+
+
+def test_marker_lists_every_file_with_size_and_checksum(tmp_path):
+    path = _fake_checkpoint(tmp_path, 7, FILES, config={"model.embed": 32})
+    marker = _marker(path)
+    assert marker["step"] == 7 and marker["config"] == {"model.embed": 32}
+    assert sorted(marker["files"]) == [".metadata", "__0_0.distcp"]
+    assert marker["files"]["__0_0.distcp"][0] == 10 and len(marker["files"]["__0_0.distcp"][1]) == 32
+    assert checkpoint.validate(path)["step"] == 7
+    assert checkpoint.is_checkpoint(path) and not os.path.exists(path + checkpoint.TMP_SUFFIX)
+
+
+@pytest.mark.parametrize(
+    "tamper, message",
+    [
+        (lambda p: os.remove(os.path.join(p, "__0_0.distcp")), "file '__0_0.distcp' is missing"),
+        (lambda p: _write(p, "extra.distcp", b"x"), "'extra.distcp' is not listed"),
+        (lambda p: _write(p, "__0_0.distcp", b"0123456780"), "does not match its checksum"),
+        (lambda p: _write(p, "__0_0.distcp", b"!", "ab"), "(size 11, expected 10)"),
+        (lambda p: _write(p, checkpoint.MARKER, b"{"), "unreadable checkpoint.json"),
+        (lambda p: os.remove(os.path.join(p, checkpoint.MARKER)), "is incomplete: no checkpoint.json"),
+    ],
+    ids=["missing", "unlisted", "checksum", "size", "unreadable-marker", "no-marker"],
+)
+def test_validate_refuses_a_tampered_checkpoint(tmp_path, tamper, message):
+    path = _fake_checkpoint(tmp_path, 3, FILES)
+    tamper(path)
+    with pytest.raises(CheckpointError) as info:
+        checkpoint.validate(path)
+    assert message in str(info.value) and "step_0000003" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_validate_refuses_a_marker_of_another_step_or_without_metadata(tmp_path):
+    path = _fake_checkpoint(tmp_path, 3, FILES)
+    marker = _marker(path)
+    _set_marker(path, {**marker, "step": 4})
+    with pytest.raises(CheckpointError, match="its marker says step 4"):
+        checkpoint.validate(path)
+    _set_marker(path, marker)
+    assert checkpoint.validate(path)["step"] == 3
+    other = _fake_checkpoint(tmp_path / "b", 5, {"__0_0.distcp": b"x"})
+    with pytest.raises(CheckpointError, match="does not list .metadata"):
+        checkpoint.validate(other)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        checkpoint.validate(str(tmp_path / "nope"))
+
+
+def test_keep_prunes_to_the_newest_and_leftovers_go(tmp_path):
+    for step in (10, 20, 30):
+        _fake_checkpoint(tmp_path, step, FILES, keep=0)
+    os.makedirs(checkpoint.checkpoint_path(str(tmp_path), 35) + checkpoint.TMP_SUFFIX)  # a save that died
+    _fake_checkpoint(tmp_path, 40, FILES, keep=2)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_0000030", "step_0000040"]
+    assert [s for s, _ in checkpoint.list_checkpoints(str(tmp_path))] == [30, 40]
+    assert checkpoint.latest_checkpoint(str(tmp_path)).endswith("step_0000040")
+    assert checkpoint.latest_checkpoint(str(tmp_path), max_step=39).endswith("step_0000030")
+    assert checkpoint.latest_checkpoint(str(tmp_path), max_step=29) is None
+    _fake_checkpoint(tmp_path, 40, {**FILES, "__1_0.distcp": b"new"}, keep=0)  # same step again: replaced whole
+    assert "__1_0.distcp" in checkpoint.validate(checkpoint.checkpoint_path(str(tmp_path), 40))["files"]
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_0000030", "step_0000040"]
+
+
+def test_fit_config_and_mismatch_name_the_keys():
+    cfg = OmegaConf.create(
+        {
+            "model": {"name": "mlp", "embed": 32, "hidden": [4]},
+            "data": {"name": "digits", "val_fraction": 0.2},
+            "seeds": {"enabled": True, "kind": "lowrank", "rank": 32, "per_layer": 2, "targets": ["embed"]},
+            "optim": {"name": "adamw", "betas": [0.9, 0.999]},
+            "train": {"lr": 0.1},
+        }
+    )
+    fit = checkpoint.fit_config(cfg)
+    assert fit["model.embed"] == 32 and fit["model.hidden"] == [4] and fit["seeds.rank"] == 32
+    assert fit["data.name"] == "digits" and fit["optim.name"] == "adamw"
+    assert "train.lr" not in fit and "data.val_fraction" not in fit and "optim.betas" not in fit
+    other = {**fit, "model.embed": 64, "seeds.kind": "diagonal"}
+    assert checkpoint.config_mismatch(fit, other) == [
+        "model.embed=64 (checkpoint: 32)",
+        "seeds.kind='diagonal' (checkpoint: 'lowrank')",
+    ]
+    assert checkpoint.config_mismatch(fit, fit) == [] and checkpoint.config_mismatch({}, other) == []
+    assert checkpoint.config_mismatch({"model.embed": 32}, {"seeds.rank": 8}) == []  # only keys both set
+
+
+def test_describe_failure_is_one_line():
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/ckpt/step_0000010.tmp/__0_0.distcp")
+    assert checkpoint.describe_failure(full) == (
+        "OSError [ENOSPC] No space left on device: '/ckpt/step_0000010.tmp/__0_0.distcp'"
+    )
+    denied = PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+    assert checkpoint.describe_failure(denied) == "PermissionError [EACCES] Permission denied"
+    from torch.distributed.checkpoint.api import CheckpointException, _wrap_exception
+
+    try:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), "/ro/x")
+    except OSError as err:
+        wrapped = _wrap_exception(err)
+    many = CheckpointException("save failed", {1: wrapped, 0: wrapped})
+    assert "\n" in str(many)  # DCP's own message: a traceback per rank
+    assert checkpoint.describe_failure(many) == "rank 0: OSError [EROFS] Read-only file system: '/ro/x'"
+    assert checkpoint.describe_failure(ValueError("a\n  b")) == "ValueError: a b"
+
+
+def test_nonfinite_host_tensors_names_host_tensors_only():
+    sd = {
+        "model.w": torch.tensor([1.0, float("inf")]),
+        "model.b": torch.tensor([0.0]),
+        "optim.host.w.exp_avg": torch.tensor([float("nan")]),
+        "train.prev_host.w": torch.tensor([1.0, 2.0]),
+        "seeds.embed.bank.p0": torch.tensor([float("nan")]),  # a seed: culled by the guard, not a host fault
+        "model.steps": torch.tensor([3]),
+    }
+    assert checkpoint.nonfinite_host_tensors(sd) == ["model.w", "optim.host.w.exp_avg"]
+
+
+# ---- save and load of a tiny state (a host parameter, no seeds) ---------------------------------------------------
+def _state(value: float = 1.0) -> dict:
+    w = torch.nn.Parameter(torch.full((3,), value))
+    return {"mesh": MESH, "layers": {}, "host_params": [("w", w)], "optimizers": None, "controller": None}
+
+
+def test_save_then_load_round_trip_with_a_fitting_config(tmp_path):
+    cfg = OmegaConf.create({"model": {"embed": 8}, "seeds": {"rank": 4}})
+    path = checkpoint.checkpoint_path(str(tmp_path), 5)
+    assert checkpoint.save(path, step=5, extra={"k": 1}, config=cfg, **_state(2.0)) == path
+    state = _state(0.0)
+    assert checkpoint.load(path, config=cfg, **state) == (5, {"k": 1})
+    assert torch.equal(state["host_params"][0][1].detach(), torch.full((3,), 2.0))
+    wider = OmegaConf.create({"model": {"embed": 16}, "seeds": {"rank": 4}})
+    with pytest.raises(CheckpointError, match=r"does not fit this config: model.embed=16 \(checkpoint: 8\)$"):
+        checkpoint.load(path, config=wider, **_state())
+    bigger = _state()
+    bigger["host_params"] = [("w", torch.nn.Parameter(torch.zeros(4)))]
+    with pytest.raises(CheckpointError, match=r"does not fit this model: model.w \(4,\) \(checkpoint: \(3,\)\)"):
+        checkpoint.load(path, **bigger)
+
+
+def test_a_non_finite_host_is_never_saved(tmp_path, capfd):
+    path = checkpoint.checkpoint_path(str(tmp_path), 5)
+    assert checkpoint.save(path, step=5, **_state(float("nan"))) is None
+    assert not os.path.exists(path) and not os.path.exists(path + checkpoint.TMP_SUFFIX)
+    err = capfd.readouterr().err
+    assert err.count("\n") == 1 and "not saving checkpoint" in err and "model.w" in err
+
+
+def test_save_failures_are_one_line_and_leave_nothing(tmp_path, monkeypatch):
+    good = checkpoint.checkpoint_path(str(tmp_path), 5)
+    checkpoint.save(good, step=5, **_state())
+    before = checkpoint.validate(good)
+    path = checkpoint.checkpoint_path(str(tmp_path), 10)
+    real_open = io.open
+
+    class Full(io.FileIO):
+        def write(self, b):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def full_open(file, mode="r", *args, **kwargs):  # what DCP's writes go through (pathlib -> io.open)
+        if isinstance(file, (str, os.PathLike)) and ".tmp" in os.fspath(file) and "w" in mode and "b" in mode:
+            return io.BufferedWriter(Full(os.fspath(file), "w"))
+        return real_open(file, mode, *args, **kwargs)
+
+    monkeypatch.setattr(io, "open", full_open)
+    with pytest.raises(CheckpointError) as info:
+        checkpoint.save(path, step=10, **_state())
+    msg = str(info.value)
+    assert "\n" not in msg and "step_0000010" in msg and "ENOSPC" in msg and "No space left on device" in msg
+    monkeypatch.setattr(io, "open", real_open)
+    real_mkdir = os.mkdir
+
+    def denied(p, *args, **kwargs):
+        if str(p).endswith(checkpoint.TMP_SUFFIX):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(p))
+        return real_mkdir(p, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", denied)
+    with pytest.raises(CheckpointError, match=r"step_0000010.*\[EACCES\] Permission denied"):
+        checkpoint.save(path, step=10, **_state())
+    monkeypatch.setattr(os, "mkdir", real_mkdir)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_0000005"]
+    assert checkpoint.validate(good) == before
+
+
+def test_load_refuses_a_non_finite_host(tmp_path, monkeypatch):
+    path = checkpoint.checkpoint_path(str(tmp_path), 5)
+    monkeypatch.setattr(checkpoint, "nonfinite_host_tensors", lambda sd: [])
+    checkpoint.save(path, step=5, **_state(float("inf")))
+    monkeypatch.undo()
+    with pytest.raises(
+        CheckpointError, match=r"is not usable: 1 host tensor\(s\) hold non-finite values \(first: model.w\)"
+    ):
+        checkpoint.load(path, **_state())
+
+
+# ---- the run-dir lock ----------------------------------------------------------------------------------------------
+def test_run_dir_lock_refuses_a_second_holder_and_releases(tmp_path):
+    with checkpoint.run_dir_lock(str(tmp_path), is_main=True):
+        held = (tmp_path / checkpoint.LOCK).read_text().split()
+        assert held[0] == str(os.getpid()) and held[1] == os.uname().nodename
+        with pytest.raises(checkpoint.RunDirBusy) as info, checkpoint.run_dir_lock(str(tmp_path), is_main=True):
+            pass
+        assert f"pid {os.getpid()} on {os.uname().nodename}" in str(info.value) and "\n" not in str(info.value)
+        assert isinstance(info.value, ValueError)  # a ConfigError: the CLI's exit 2
+        with checkpoint.run_dir_lock(str(tmp_path), is_main=False):  # other ranks never take it
+            pass
+    assert (tmp_path / checkpoint.LOCK).read_text() == ""
+    with checkpoint.run_dir_lock(str(tmp_path), is_main=True):  # free again
+        pass
+
+
+def test_stale_lock_is_taken_over_with_a_note(tmp_path, capfd):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / checkpoint.LOCK).write_text(f"{dead.pid} {os.uname().nodename} 2026-01-01T00:00:00\n")
+    with checkpoint.run_dir_lock(str(tmp_path), is_main=True):
+        assert (tmp_path / checkpoint.LOCK).read_text().split()[0] == str(os.getpid())
+    assert f"taking over the stale lock of pid {dead.pid} (not running)" in capfd.readouterr().err
