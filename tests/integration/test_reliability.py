@@ -229,17 +229,18 @@ def test_non_finite_checkpoint_is_refused_on_load(tmp_path, monkeypatch):
     """A checkpoint holding a non-finite host tensor (written by a version without the save check) is never
     accepted: loading it is a one-line CheckpointError naming the tensor."""
 
-    def poison(step, ctx):  # Adam's second moment of a host weight: inf (the weights and the loss stay finite)
+    def poison(step, ctx):  # the engine's host snapshot (saved as train.prev_host.*): the weights stay finite
         if step == 4:
-            state = next(iter(ctx["optimizers"].host.state.values()))
-            state["exp_avg_sq"].view(-1)[0] = float("inf")
+            ctx["morph"].prev_host[0].view(-1)[0] = float("inf")
 
     reliability.HOOKS["before_step"] = poison
     monkeypatch.setattr(checkpoint, "nonfinite_host_tensors", lambda sd: [])
-    _run(tmp_path / "a", "train.steps=5")
+    _run(tmp_path / "a", "train.steps=5", "controller.interval=10")
     monkeypatch.undo()
     reliability.HOOKS.clear()
-    with pytest.raises(checkpoint.CheckpointError, match=r"step_0000005' is not usable: .*non-finite.*optim\.host\."):
+    with pytest.raises(
+        checkpoint.CheckpointError, match=r"step_0000005' is not usable: .*non-finite.*train\.prev_host\."
+    ):
         _run(tmp_path / "b", "train.steps=10", f"checkpoint.resume={tmp_path / 'a'}")
 
 
