@@ -16,7 +16,12 @@ from morpho_dist.kernels.options import KernelOptions  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cuda" if torch.cuda.is_available() and not INTERPRET else "cpu"
-pytestmark = pytest.mark.skipif(DEVICE == "cpu" and not INTERPRET, reason="needs a GPU or TRITON_INTERPRET=1")
+# gpu: the documented GPU command (-m gpu) runs it; interpret: it runs in Triton's interpreter on the CPU too
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.interpret,
+    pytest.mark.skipif(DEVICE == "cpu" and not INTERPRET, reason="needs a GPU or TRITON_INTERPRET=1"),
+]
 
 
 @pytest.mark.parametrize("rows, seeds, chunk", [(40, 12, 16), (33, 7, 32)])
