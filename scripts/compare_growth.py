@@ -84,8 +84,9 @@ def parse_overrides(values: list[str]) -> list[str]:
     return [v for v in values if v]
 
 
-def run_one(name: str, seed: int, overrides: list[str], out: str, env: dict) -> dict:
-    """One training process; returns its summary, its logged curve and its exit status."""
+def run_one(name: str, seed: int, overrides: list[str], out: str, env: dict, deadline: float | None = None) -> dict:
+    """One training process; returns its summary, its logged curve and its exit status. A run still going at
+    ``deadline`` (time.time()) is stopped and recorded as failed, so the report is written in time."""
     run_dir = os.path.join(out, "runs", f"{name.replace(' ', '_')}_{seed}")
     args = [
         f"seed={seed}",
@@ -96,9 +97,13 @@ def run_one(name: str, seed: int, overrides: list[str], out: str, env: dict) -> 
         *overrides,
     ]
     t0 = time.time()
-    proc = subprocess.run(
-        [sys.executable, "-m", "morpho_dist.train", *args], capture_output=True, text=True, cwd=REPO, env=env
-    )
+    cmd = [sys.executable, "-m", "morpho_dist.train", *args]
+    timeout = None if deadline is None else max(1.0, deadline - t0)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        print(f"STOPPED {name} seed {seed}: --time-limit reached", flush=True)
+        return {"variant": name, "seed": seed, "overrides": args, "returncode": None, "error": "time limit"}
     record = {"variant": name, "seed": seed, "overrides": args, "returncode": proc.returncode}
     record["process_s"] = time.time() - t0
     if proc.returncode != 0:
@@ -305,6 +310,7 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=1, help="training processes side by side")
     parser.add_argument("--size", type=int, default=None, help="size_key value of 'static at size' (default: solved)")
     parser.add_argument("--no-at-size", action="store_true", help="skip the 'static at size' variant")
+    parser.add_argument("--time-limit", type=float, default=None, help="stop runs still going after this many s")
     parser.add_argument("--levels", type=float, nargs="*", default=None, help="metric levels (default: the finals)")
     parser.add_argument("--out", required=True, help="folder for compare.json, compare.png and runs/")
     args = parser.parse_args()
@@ -323,10 +329,11 @@ def main() -> None:
     env.setdefault("PYTHONUNBUFFERED", "1")
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(1, args.parallel))))
     t0 = time.time()
+    deadline = t0 + args.time_limit if args.time_limit else None
     results: dict[str, list[dict]] = {name: [] for name in (*VARIANTS, *alts)}
     with ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
         futures = {
-            name: [pool.submit(run_one, name, s, overrides[name], args.out, env) for s in range(args.seeds)]
+            name: [pool.submit(run_one, name, s, overrides[name], args.out, env, deadline) for s in range(args.seeds)]
             for name in (*PRESET_KEY, *alts)
         }
         results["grown"] = [f.result() for f in futures["grown"]]
@@ -340,7 +347,9 @@ def main() -> None:
             if size is not None:
                 extra = [*overrides["static narrow"], f"{preset['size_key']}={preset['size_format'].format(size)}"]
                 overrides["static at size"] = extra
-                at_size = [pool.submit(run_one, "static at size", s, extra, args.out, env) for s in range(args.seeds)]
+                at_size = [
+                    pool.submit(run_one, "static at size", s, extra, args.out, env, deadline) for s in range(args.seeds)
+                ]
         for name in ("static narrow", "static wide", *alts):
             results[name] = [f.result() for f in futures[name]]
         results["static at size"] = [f.result() for f in at_size]
