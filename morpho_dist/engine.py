@@ -199,7 +199,7 @@ class Morphogenesis:
         training loss (each micro-batch when accumulating), before ``backward``."""
         if not torch.is_tensor(loss) or loss.numel() != 1:
             raise ValueError(f"loss() takes the scalar training loss tensor, got {type(loss).__name__}")
-        self._follow_device()
+        self._check_device()
         value = loss.detach().reshape(())
         self._loss_sum = value if self._loss_sum is None else self._loss_sum + value
         self._loss_count += 1
@@ -212,7 +212,7 @@ class Morphogenesis:
         """One training step after ``backward``: see the module doc. ``optimizer``: the user's host optimizer
         (refused if it holds a bank parameter). ``host_step=False``: the caller steps the host optimizer itself
         (Lightning, the HF Trainer); the seeds are still guarded. Zeroes the banks' gradients."""
-        self._follow_device()
+        self._check_device()
         if self._loss_sum is None:
             raise RuntimeError(
                 "Morphogenesis.step() was called without loss(): pass every training loss through morph.loss(loss) "
@@ -333,17 +333,27 @@ class Morphogenesis:
         param = next(self.model.parameters(), None)
         return param.device if param is not None else torch.device("cpu")
 
-    def _follow_device(self) -> None:
-        """Before the first step the engine follows a model moved to another device; after it, a move is an error
-        (the user's optimizer state and the engine's would sit on the old device)."""
+    def _check_device(self) -> None:
+        now = self._layers_device()
+        if now != self.device:
+            hint = (
+                "; the engine cannot follow it any more"
+                if self._started
+                else (", or call morph.follow_model_device() before the first step")
+            )
+            raise RuntimeError(
+                f"the model moved from {self.device} to {now} after Morphogenesis(...) wrapped it: the seeds' "
+                f"optimizer state and the guard are on {self.device}; move the model before wrapping it{hint}"
+            )
+
+    def follow_model_device(self) -> None:
+        """Move the engine's own state (seed optimizer, guard, host snapshot) to the device the model was moved to
+        after wrapping; only before the first step (integrations call it where their framework moves the model)."""
         now = self._layers_device()
         if now == self.device:
             return
         if self._started:
-            raise RuntimeError(
-                f"the model moved from {self.device} to {now} after training started; move it before "
-                "Morphogenesis(...) wraps it (or at least before the first step)"
-            )
+            self._check_device()
         self.device = now
         if self.seed_optimizer is not None:
             for st in self.seed_optimizer.state.values():
@@ -359,7 +369,7 @@ class Morphogenesis:
         """Forward pre-hook of every SeededLayer: before the first seeded layer runs in a step's training forward,
         the guard culls seeds whose bank went non-finite and keeps the telemetry to fall back to."""
         if self._armed and module.training:
-            self._follow_device()
+            self._check_device()
             self.guard.before_forward(self.steps + 1)
             self._armed = False
 

@@ -52,8 +52,9 @@ class MorphoTrainer(Trainer):
     """A Trainer whose model ``morph`` wraps; every other argument is the Trainer's."""
 
     def __init__(self, *args: Any, morph: Morphogenesis, evaluate: Callable | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+        super().__init__(*args, **kwargs)  # moves the model to its device
         self.morph = morph
+        morph.follow_model_device()
         self.add_callback(MorphogenesisCallback(morph, evaluate))
 
     def compute_loss(self, model, inputs, return_outputs=False, **kwargs):

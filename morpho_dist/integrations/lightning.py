@@ -57,6 +57,7 @@ class MorphogenesisCallback(pl.Callback):
             del pl_module.training_step
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.engine.follow_model_device()  # Lightning moved the module to its device after setup
         for optimizer in trainer.optimizers:
             self.engine.exclude_banks(optimizer)
 

@@ -92,7 +92,7 @@ def test_config_arguments_take_dict_dataclass_and_omegaconf(form):
         ({"seeds": {"targets": ["0"], "kind": "huge"}}, "seeds.kind='huge' is not allowed"),
         ({"seeds": {"targets": ["0"], "per_layer": "two"}}, "seeds.per_layer='two'"),
         ({"seeds": {"per_layer": 2}}, "seeds.targets is required"),
-        ({"seeds": SEEDS, "controller": {"interval": 0}}, "controller.interval=0 must be > 0"),
+        ({"seeds": SEEDS, "controller": {"interval": 0}}, "controller.interval=0 is not allowed"),
         ({"seeds": SEEDS, "controller": {"intervall": 3}}, "controller.intervall is not a known key"),
         ({"seeds": SEEDS, "schedule": {"name": "sudden"}}, "schedule.name='sudden' is not allowed"),
         ({"seeds": SEEDS, "optim": {"name": "lion"}}, "optim.name='lion' is not allowed"),
@@ -120,13 +120,18 @@ def test_misuse_is_a_clear_error():
     with pytest.raises(RuntimeError, match=r"without loss\(\)"):
         morph.step(opt)
     model.to("meta")
-    with pytest.raises(RuntimeError, match="moved from cpu to meta after training started"):
+    with pytest.raises(RuntimeError, match="moved from cpu to meta after Morphogenesis.*cannot follow it any more"):
         morph.loss(torch.zeros((), requires_grad=True))
+    with pytest.raises(RuntimeError, match="cannot follow"):
+        morph.follow_model_device()
 
 
-def test_a_model_moved_before_the_first_step_is_followed():
+def test_a_model_moved_after_wrapping_is_an_error_unless_the_engine_follows():
     model, morph, _ = make()
     model.to("meta")
+    with pytest.raises(RuntimeError, match=r"moved from cpu to meta.*morph.follow_model_device\(\) before the first"):
+        morph.loss(torch.zeros((), device="meta"))
+    morph.follow_model_device()
     morph.loss(torch.zeros((), device="meta"))
     assert morph.device == torch.device("meta") and morph.guard.device == torch.device("meta")
     assert all(t.is_meta for st in morph.seed_optimizer.state.values() for t in st.values())
