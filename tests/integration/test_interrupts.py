@@ -184,3 +184,23 @@ def test_two_rank_interrupt_resumes_to_the_same_summary(tmp_path, launcher):
 def resume_args_any(cmd: str) -> list[str]:
     """The Hydra overrides of a printed resume command, whatever its launcher."""
     return [w for w in cmd.split() if "=" in w and not w.startswith("--")]
+
+
+def test_resume_auto_finds_the_newest_fitting_run(tmp_path):
+    """checkpoint.resume=auto from a fresh launch: the newest run under outputs/ with a complete checkpoint
+    of a config that fits, said in one line; a config that fits none starts fresh, and says so."""
+
+    def train(*args: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "morpho_dist.train", *FAST, *args]
+        res = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr
+        return res
+
+    train("train.steps=20", "hydra.run.dir=outputs/first")
+    res = train("train.steps=40", "checkpoint.resume=auto", "hydra.run.dir=outputs/second")
+    assert "checkpoint.resume=auto: resuming from " in res.stderr and "first/checkpoints/step_0000020" in res.stderr
+    assert summary(tmp_path / "outputs" / "second")["steps"] == 40
+    res = train("train.steps=40", "seeds.per_layer=1", "checkpoint.resume=auto", "hydra.run.dir=outputs/third")
+    assert "checkpoint.resume=auto: no complete checkpoint that fits this config under outputs; starting fresh" in (
+        res.stderr
+    )
