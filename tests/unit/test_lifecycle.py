@@ -13,6 +13,7 @@ from morpho_dist.lifecycle import (
     SeedState,
     Stage,
     check_transition,
+    count_stages,
     is_legal,
 )
 from tests.expected import LEGAL
@@ -233,3 +234,36 @@ def test_layer_rejects_bad_construction():
         SeededLayer(32, 4, kind="lowrank", backend="reference")
     with pytest.raises(ValueError, match="backend"):
         SeededLayer(32, 4, kind="diagonal", backend="cuda")
+
+
+def test_count_stages_counts_every_stage_with_zeros():
+    ids = [0, 0, 3, 7, 7, 7, 10]
+    expected = {name: 0 for name in EXPECTED_IDS}
+    expected.update(DORMANT=2, GRAFTING=1, FOSSILIZED=3, ROLLED_BACK=1)
+    assert count_stages(ids) == expected
+
+
+def test_illegal_transition_lists_the_legal_targets_or_says_terminal():
+    with pytest.raises(IllegalTransition) as info:
+        check_transition(2, int(Stage.GRAFTING), int(Stage.DORMANT), "recycle")
+    assert str(info.value).endswith("the legal targets are ['CULLED', 'ROLLED_BACK', 'STABILIZATION']")
+    with pytest.raises(IllegalTransition) as info:
+        check_transition(2, int(Stage.FOSSILIZED), int(Stage.DORMANT), "recycle")
+    assert str(info.value).endswith("the legal targets are ['none (terminal)']")
+
+
+def test_empty_seed_state_defaults():
+    state = SeedState.empty(3)
+    assert state.blend.tolist() == [0, 0, 0] and state.germinated_at.tolist() == [-1, -1, -1]
+    assert state.stage.tolist() == [0, 0, 0] and state.num_seeds == 3
+    assert SeedState.empty(2, blend_id=2).blend.tolist() == [2, 2]
+    assert {k: v.dtype for k, v in state.tensors().items()} == {
+        "stage": torch.int8,
+        "blend": torch.int8,
+        "alpha": torch.float32,
+        "alpha_rate": torch.float32,
+        "steps_in_stage": torch.int32,
+        "embargo_until": torch.int32,
+        "germinated_at": torch.int32,
+        "generation": torch.int32,
+    }
