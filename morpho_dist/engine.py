@@ -50,7 +50,7 @@ from morpho_dist.distributed import Mesh
 from morpho_dist.kernels.options import KernelOptions
 from morpho_dist.layer import with_rec_losses
 from morpho_dist.lifecycle import Stage
-from morpho_dist.optim import Optimizers, guarded_step, make_seed_optimizer
+from morpho_dist.optim import Optimizers, guarded_step, host_param_groups, make_seed_optimizer
 from morpho_dist.reliability import (
     DivergenceError,
     DivergenceMonitor,
@@ -183,9 +183,14 @@ class Morphogenesis:
             self._host_named = named_host_parameters(self.model, self.layers)
         return self._host_named
 
-    def host_parameters(self) -> list[nn.Parameter]:
-        """The parameters the user's optimizer should hold: the host's, no blueprint bank."""
-        return [p for _, p in self.named_host_parameters()]
+    def host_parameters(self) -> list[nn.Parameter] | list[dict]:
+        """What the user's optimizer should hold: the host's parameters, no blueprint bank. Under seed / hybrid
+        sharding without DDP the host holds tensor-parallel DTensors beside plain tensors: then one param group
+        per kind (optim.host_param_groups), which torch optimizers take as well; in one group their foreach and
+        fused paths (the CUDA default) refuse the mix."""
+        params = [p for _, p in self.named_host_parameters()]
+        groups = host_param_groups(params)
+        return params if len(groups) <= 1 else groups
 
     @property
     def prev_host(self) -> list[torch.Tensor]:

@@ -242,8 +242,9 @@ def host_param_groups(params: Iterable[torch.Tensor], **options: Any) -> list[di
 
 def make_host_optimizer(optim_cfg: Any, lr: float, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     """The ``optim`` group's torch optimizer over ``params`` (the host's: no blueprint banks), one param group
-    per tensor kind (``host_param_groups``); ``optim.foreach`` / ``optim.fused`` are torch's options."""
-    params = list(params)
+    per tensor kind (``host_param_groups``); ``optim.foreach`` / ``optim.fused`` are torch's options. ``params``
+    may also be param groups (dicts), as Morphogenesis.host_parameters() gives for a tensor-parallel host."""
+    params = [p for item in params for p in (item["params"] if isinstance(item, dict) else [item])]
     name = str(optim_cfg.name)
     wd = float(optim_cfg.weight_decay)
     foreach = getattr(optim_cfg, "foreach", None)

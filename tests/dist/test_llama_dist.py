@@ -50,7 +50,8 @@ def run_llama(mode: str, world: int = 1) -> dict:
         mesh=mesh,
     )  # fmt: skip
     forward = torch.nn.parallel.DistributedDataParallel(model) if mode == "ddp" else model
-    opt = torch.optim.AdamW(morph.host_parameters(), lr=3e-3)
+    # foreach: the CUDA default, here on the CPU too (a seed-sharded host gives one param group per tensor kind)
+    opt = torch.optim.AdamW(morph.host_parameters(), lr=3e-3, foreach=True)
     gen = torch.Generator().manual_seed(1)
     data = torch.randint(0, VOCAB, (STEPS, BATCH, SEQ + 1), generator=gen)
     val = torch.randint(0, VOCAB, (16, SEQ + 1), generator=gen)
