@@ -86,6 +86,7 @@ FIT_KEYS = (
     "optim.name",
 )
 HOST_PREFIXES = ("model.", "optim.host.", "train.prev_host.")
+FULL_DISK_BYTES = 1 << 20  # a failed save on a filesystem with less free space than this names the full disk
 
 
 class CheckpointError(RuntimeError):
@@ -500,6 +501,7 @@ def save(
             failure = describe_failure(err)
         failure = next((f for f in _gather(failure) if f), None)
     if failure is not None:
+        failure += _space_note(os.path.dirname(tmp), failure)
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(
@@ -507,6 +509,18 @@ def save(
             "untouched"
         )
     return path
+
+
+def _space_note(directory: str, failure: str) -> str:
+    """'; no space left on the device (N bytes free)' when the filesystem of ``directory`` is (nearly) full and
+    the failure does not say so itself (torch's serializer reports a full disk as 'unexpected pos ...')."""
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return ""
+    if free >= FULL_DISK_BYTES or "ENOSPC" in failure:
+        return ""
+    return f"; no space left on the device ({free} bytes free)"
 
 
 def _barrier() -> None:

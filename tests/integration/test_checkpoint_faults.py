@@ -144,8 +144,10 @@ def test_disk_full_on_a_real_filesystem(tmp_path, tmpfs):
     mount(run_dir / "checkpoints", size + size // 2 + 8192)  # room for one checkpoint, not two
     with pytest.raises(checkpoint.CheckpointError) as info:
         _run(run_dir, "train.steps=10", "checkpoint.every=5", "checkpoint.keep=0")
-    _assert_one_line_save_failure(info.value, "step_0000010", "No space left on device")
-    assert "ENOSPC" in str(info.value)
+    # DCP's tensor writes meet ENOSPC; torch's serializer (the small pickled items) reports 'unexpected pos':
+    # either way the line names the full device
+    msg = _assert_one_line_save_failure(info.value, "step_0000010", "o space left on ")
+    assert "ENOSPC" in msg or "bytes free" in msg, msg
     assert _ckpts(run_dir) == ["step_0000005"]  # the .tmp removed, the good one there and valid
     assert checkpoint.validate(str(run_dir / "checkpoints" / "step_0000005"))["step"] == 5
 

@@ -266,3 +266,13 @@ def test_stale_lock_is_taken_over_with_a_note(tmp_path, capfd):
     with checkpoint.run_dir_lock(str(tmp_path), is_main=True):
         assert (tmp_path / checkpoint.LOCK).read_text().split()[0] == str(os.getpid())
     assert f"taking over the stale lock of pid {dead.pid} (not running)" in capfd.readouterr().err
+
+
+def test_a_failure_on_a_full_filesystem_names_it(tmp_path, monkeypatch):
+    usage = SimpleNamespace(total=100, used=100, free=0)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda d: usage)
+    note = checkpoint._space_note(str(tmp_path), "rank 0: RuntimeError: unexpected pos 704 vs 598")
+    assert note == "; no space left on the device (0 bytes free)"
+    assert checkpoint._space_note(str(tmp_path), "OSError [ENOSPC] No space left on device") == ""
+    usage.free = checkpoint.FULL_DISK_BYTES
+    assert checkpoint._space_note(str(tmp_path), "RuntimeError: unexpected pos") == ""
