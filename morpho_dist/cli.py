@@ -117,6 +117,10 @@ def _remove_if_untouched(run_dir: str) -> None:
     if _is_main() and os.path.isdir(run_dir) and set(os.listdir(run_dir)) <= _LAUNCH_LEFTOVERS:
         logging.shutdown()  # Hydra's file handler holds train.log open
         shutil.rmtree(run_dir, ignore_errors=True)
+        parent, cwd = os.path.dirname(os.path.abspath(run_dir)), os.getcwd()
+        while parent.startswith(cwd + os.sep) and not os.listdir(parent):  # outputs/<date>/ left empty
+            os.rmdir(parent)
+            parent = os.path.dirname(parent)
 
 
 def _shown_path(path: str) -> str:

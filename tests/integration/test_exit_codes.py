@@ -76,4 +76,4 @@ def test_error_is_one_line_with_its_exit_code(case, ranks, saved, tmp_path):
     assert res.returncode == code, res.stderr
     assert len(lines) == 1 and lines[0].startswith("error: ") and words in lines[0], res.stderr
     assert res.stdout.strip() == ""
-    assert not (tmp_path / "outputs" / "failed").exists()  # no run dir left behind
+    assert not (tmp_path / "outputs").exists()  # no run dir left behind, nor an empty outputs/
