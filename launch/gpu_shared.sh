@@ -6,5 +6,7 @@
 set -euo pipefail
 NPROC="${1:?usage: launch/gpu_shared.sh NPROC [hydra overrides...]}"
 shift
-exec python -m torch.distributed.run --standalone --nproc_per_node="$NPROC" -m morpho_dist.train \
-  train.device=cuda train.ranks_per_device="$NPROC" sharding.backend=gloo "$@"
+ADDED="train.device=cuda train.ranks_per_device=$NPROC sharding.backend=gloo"
+export MORPHO_LAUNCH_CMD="${MORPHO_LAUNCH_CMD:-bash launch/gpu_shared.sh $NPROC}" MORPHO_LAUNCH_ADDED="$ADDED"
+# morpho_dist.torchrun: torchrun with one line per failure and morpho_dist's exit codes
+exec python -m morpho_dist.torchrun --standalone --nproc_per_node="$NPROC" $ADDED "$@"
