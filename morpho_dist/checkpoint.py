@@ -285,6 +285,21 @@ def _acquire(run_dir: str) -> tuple[int | None, str | None]:
     return fd, None
 
 
+def run_dir_in_use(run_dir: str) -> bool:
+    """Whether a live process holds the run dir's lock (a refused second run must not clean up that dir)."""
+    try:
+        fd = os.open(os.path.join(run_dir, LOCK), os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # releases the probe's lock too
+    return False
+
+
 @contextlib.contextmanager
 def run_dir_lock(run_dir: str, is_main: bool) -> Iterator[str]:
     """Hold the run dir for this run (rank 0 holds the lock; collective when distributed): RunDirBusy on every

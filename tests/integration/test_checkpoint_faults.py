@@ -355,6 +355,8 @@ def test_cli_second_run_exits_2_with_one_line(tmp_path):
             env={**env, "PYTHONPATH": REPO + os.pathsep + env.get("PYTHONPATH", "")},
             timeout=300,
         )
+        # the refused run left the holder's dir alone (it holds only launch leftovers, but it is in use)
+        assert (run_dir / checkpoint.LOCK).read_text().split()[0] == str(holder.pid)
     finally:
         holder.kill()
         holder.wait()

@@ -276,3 +276,10 @@ def test_a_failure_on_a_full_filesystem_names_it(tmp_path, monkeypatch):
     assert checkpoint._space_note(str(tmp_path), "OSError [ENOSPC] No space left on device") == ""
     usage.free = checkpoint.FULL_DISK_BYTES
     assert checkpoint._space_note(str(tmp_path), "RuntimeError: unexpected pos") == ""
+
+
+def test_run_dir_in_use_only_while_a_process_holds_the_lock(tmp_path):
+    assert not checkpoint.run_dir_in_use(str(tmp_path))  # no lock file
+    with checkpoint.run_dir_lock(str(tmp_path), is_main=True):
+        assert checkpoint.run_dir_in_use(str(tmp_path))
+    assert not checkpoint.run_dir_in_use(str(tmp_path))  # released (the emptied file stays)
