@@ -17,9 +17,12 @@ deterministic init of their generation) and zeroes their optimizer state. The ho
 its cull on is exactly that of a seed that never germinated (the op passes x through for CULLED seeds).
 
 Host divergence (at the controller interval, from values reduced in the telemetry's SUM all-reduce): the
-interval's mean host loss over its finite steps is non-finite, or larger than ``divergence_factor`` times the
-mean of the last ``window`` good intervals, or some step's loss was non-finite and no seed fault explains it.
-The train loop then restores the last good checkpoint and marks the seeds that were blending ROLLED_BACK.
+interval's mean host loss over its finite steps is non-finite; or it is above all of ``divergence_floor`` times
+the first interval's mean, ``divergence_factor`` times the mean of the last ``window`` good intervals and that
+mean plus ``divergence_sigmas`` times their spread (``DivergenceMonitor``); or some step's loss was non-finite
+and no seed fault explains it; or, with ``skip_nonfinite=false``, a non-finite step reached the parameters. The
+train loop then restores the newest good checkpoint at or before the last good interval, marks the seeds that
+were blending ROLLED_BACK and draws its batches in a fresh order (``DivergenceMonitor.batch_seed``).
 
 Desynchronisation: ``check_same_decisions`` is the per-interval checksum all-reduce; when the checksums differ
 every rank gathers per-seed digests once and raises ``DesyncError`` naming the step and the first differing
