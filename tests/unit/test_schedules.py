@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -159,3 +160,49 @@ def test_step_makes_no_host_sync(monkeypatch, name, shape):
         tick_([layer])
     monkeypatch.undo()
     assert layer.alpha[0].item() > 0.0
+
+
+def test_schedule_boundaries_and_defaults():
+    """Each threshold at its boundary (DESIGN.md: drift pauses above the threshold, the band includes both
+    ends), one-step ramps, and the documented defaults (drift_threshold 0.05, grad band [0, 10])."""
+    layer = make_layer()
+    rep = report({}, layer)
+    drift = make_schedule(ScheduleConfig(name="drift_controlled", ramp_steps=10, drift_threshold=0.05))
+    drift.on_interval(layer, rep, HostSignals(weight_drift=0.05, grad_norm=1.0))
+    assert layer.alpha_rate[0].item() == pytest.approx(0.1)  # at the threshold: still ramps
+    gated = make_schedule(ScheduleConfig(name="grad_norm_gated", ramp_steps=4, grad_lo=0.5, grad_hi=2.0))
+    gated.on_interval(layer, rep, HostSignals(grad_norm=2.0))
+    assert layer.alpha_rate[0].item() == pytest.approx(0.25)  # the band's upper end is inside
+    assert make_schedule(ScheduleConfig(ramp_steps=1)).base_rate == 1.0
+    defaults = ScheduleConfig()
+    assert (defaults.drift_threshold, defaults.grad_lo, defaults.grad_hi) == (0.05, 0.0, 10.0)
+    by_default = make_schedule(ScheduleConfig(name="drift_controlled"))
+    by_default.on_interval(layer, rep, HostSignals(weight_drift=0.06))
+    assert layer.alpha_rate[0].item() == 0.0
+    banded = make_schedule(ScheduleConfig(name="grad_norm_gated"))
+    banded.on_interval(layer, rep, HostSignals(grad_norm=9.5))
+    assert layer.alpha_rate[0].item() > 0.0
+
+
+def test_performance_linked_without_a_finite_benefit_ramps_at_the_base_rate():
+    sch = make_schedule(ScheduleConfig(name="performance_linked", ramp_steps=10, min_factor=0.0, max_factor=3.0))
+    layer = make_layer()
+    sch.on_interval(layer, report({0: float("nan"), 3: 0.0}, layer), HostSignals())
+    assert layer.alpha_rate[0].item() == pytest.approx(0.1) and layer.alpha_rate[3].item() == pytest.approx(0.1)
+    sch.on_interval(layer, report({0: -0.5, 3: -0.5}, layer), HostSignals())  # mean |benefit| 0.5 < 1
+    assert layer.alpha_rate[0].item() == pytest.approx(0.1)  # factor -(-0.5) / 0.5 = 1
+
+
+def test_on_interval_ignores_seeds_of_other_shards():
+    """A report's seeds outside this layer shard (global index below its offset) leave its rates alone."""
+    layer = SeededLayer(16, 4, kind="diagonal", backend="reference", layer_key="fc", seed_offset=4)
+    layer.stage.copy_(torch.tensor([int(s) for s in STAGES], dtype=torch.int8))
+    sch = make_schedule(ScheduleConfig(name="performance_linked", ramp_steps=10, max_factor=3.0))
+    rep = report({}, layer)
+    for s in rep.seeds:
+        s.seed += 4  # this shard's seeds are global 4..7
+    rep.seeds.append(replace(rep.seeds[0], seed=3, benefit=-9.0))  # global 3: local index -1, another shard's
+    rep.seeds[0].benefit, rep.seeds[3].benefit = -1.0, -1.0
+    sch.on_interval(layer, rep, HostSignals())
+    rates = layer.alpha_rate.tolist()
+    assert rates[3] == pytest.approx(rates[0])  # seed 7 (local 3) not overwritten by global seed 3
