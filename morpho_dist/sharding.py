@@ -160,9 +160,16 @@ def named_host_parameters(model: nn.Module, layers: Mapping[str, SeededLayer]) -
     return [(n, p) for n, p in model.named_parameters() if id(p) not in bank and p.requires_grad]
 
 
-def is_sharded(param: torch.Tensor) -> bool:
-    """Whether a host parameter is a tensor-parallel shard (a DTensor, or DDP's local view of one)."""
-    return isinstance(param, DTensor) or hasattr(param, "_st_info")
+def counted_here(param: torch.Tensor, mesh: Mesh) -> bool:
+    """Whether this rank counts ``param``'s local elements in a host-wide sum, so that every element is counted
+    once over the world: a plain (replicated) parameter on rank 0; a tensor-parallel one on the dp-rank-0
+    replica, by every seed rank where it is sharded, by seed rank 0 alone where it is replicated over the
+    ``seed`` axis (a row-parallel Linear's bias)."""
+    spec = param._spec if isinstance(param, DTensor) else getattr(param, "_st_info", None)
+    if spec is None:
+        return mesh.rank == 0
+    sharded = any(isinstance(p, Shard) for p in spec.placements)
+    return mesh.dp_rank == 0 and (sharded or mesh.seed_rank == 0)
 
 
 def local_part(t: torch.Tensor) -> torch.Tensor:
@@ -196,12 +203,11 @@ def host_square_sums(
 ) -> torch.Tensor:
     """This rank's share of host-wide sums of squares, to be summed over the world (telemetry's SUM
     collective): [sum grad^2] when ``grads``, else [sum (p - prev)^2, sum prev^2]. Each element is counted
-    once: replicated parameters on rank 0, tensor-parallel shards on the dp-rank-0 replica."""
+    once (``counted_here``)."""
     device = params[0][1].device if params else torch.device("cpu")
     out = torch.zeros(1 if grads else 2, dtype=torch.float64, device=device)
     for i, (_, p) in enumerate(params):
-        owner = mesh.dp_rank == 0 if is_sharded(p) else mesh.rank == 0
-        if not owner:
+        if not counted_here(p, mesh):
             continue
         if grads:
             if p.grad is not None:

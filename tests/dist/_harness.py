@@ -183,6 +183,9 @@ def assert_matches(single: dict, outs: list[dict], steps: int, interval: int = 5
             err = ((have.cpu() - want.cpu()).abs() / scale.cpu()).max()
             assert err <= 1e-5, (step, float(err))
         assert _decisions(o["record"]["events"]) == _decisions(single["record"]["events"])
+        for mine, ref in zip(o["record"]["events"], single["record"]["events"]):
+            for key, want in ref.get("host", {}).items():  # host-wide grad norm and weight drift of the interval
+                assert abs(mine["host"][key] - want) <= 1e-5 * abs(want), (mine["step"], key, mine["host"][key], want)
     assert _decisions(single["record"]["events"]), "the controller made no decision"
     s0 = outs[0]["summary"]
     assert s0["seed_states"] == single["summary"]["seed_states"]
