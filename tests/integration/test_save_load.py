@@ -265,23 +265,6 @@ def test_load_grown_refuses_another_class_and_changes_nothing(tmp_path):
         morpho_dist.load_grown(ConvNet(), tmp_path / "missing")
 
 
-def test_readme_layer_types_block_runs(tmp_path):
-    """The README's section on layer types, saving and loading: its Python block runs as written."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    section = readme.split("## Layer types, saving and loading", 1)[1].split("\n## ", 1)[0]
-    body = section.split("```python\n", 1)[1].split("\n```", 1)[0]
-    repo = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")]))}
-    res = subprocess.run([sys.executable, "-c", body], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert res.returncode == 0, res.stderr[-4000:]
-    assert (tmp_path / "grown" / "morpho_adapter.safetensors").exists()
-
-
 FAST = {"interval": 5, "min_training_steps": 5, "stabilization_steps": 5, "fine_tuning_steps": 10, "patience_k": 1}
 
 
