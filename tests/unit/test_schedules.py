@@ -206,3 +206,12 @@ def test_on_interval_ignores_seeds_of_other_shards():
     sch.on_interval(layer, rep, HostSignals())
     rates = layer.alpha_rate.tolist()
     assert rates[3] == pytest.approx(rates[0])  # seed 7 (local 3) not overwritten by global seed 3
+
+
+def test_step_clamps_alpha_to_the_unit_interval():
+    sch = make_schedule(ScheduleConfig(ramp_steps=10))
+    layer = make_layer()
+    layer.alpha_rate.copy_(torch.tensor([-0.3, 0.0, 0.0, 0.7]))
+    layer.alpha.copy_(torch.tensor([0.1, 0.0, 1.0, 0.5]))
+    sch.step_(layer)
+    assert layer.alpha.tolist() == pytest.approx([0.0, 0.0, 1.0, 1.0])
