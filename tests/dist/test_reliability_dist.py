@@ -24,7 +24,7 @@ RUN = [
     "train.log_every=10",
     "checkpoint.every=10",
 ]
-RUNTIME = {"runtime_s", "run_dir"}
+RUNTIME = {"runtime_s", "run_dir", "train_time_s", "samples_per_s", "mfu"}  # wall-clock measurements
 
 
 def _torchrun(tmp_path, *args: str, env_extra: dict | None = None, max_restarts: int = 0):
