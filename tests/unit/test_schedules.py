@@ -189,8 +189,9 @@ def test_performance_linked_without_a_finite_benefit_ramps_at_the_base_rate():
     layer = make_layer()
     sch.on_interval(layer, report({0: float("nan"), 3: 0.0}, layer), HostSignals())
     assert layer.alpha_rate[0].item() == pytest.approx(0.1) and layer.alpha_rate[3].item() == pytest.approx(0.1)
-    sch.on_interval(layer, report({0: -0.5, 3: -0.5}, layer), HostSignals())  # mean |benefit| 0.5 < 1
-    assert layer.alpha_rate[0].item() == pytest.approx(0.1)  # factor -(-0.5) / 0.5 = 1
+    sch.on_interval(layer, report({0: -0.2, 3: -0.6}, layer), HostSignals())  # mean |benefit| 0.4 < 1
+    assert layer.alpha_rate[0].item() == pytest.approx(0.05)  # factor 0.2 / 0.4
+    assert layer.alpha_rate[3].item() == pytest.approx(0.15)  # factor 0.6 / 0.4
 
 
 def test_on_interval_ignores_seeds_of_other_shards():
