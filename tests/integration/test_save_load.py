@@ -18,7 +18,7 @@ import morpho_dist
 from morpho_dist import commands
 from morpho_dist.export_modules import FossilizedOutput
 from morpho_dist.grown import ADAPTER_FILE, WEIGHTS_FILE
-from morpho_dist.lifecycle import Stage
+from morpho_dist.lifecycle import BLENDED_STAGES, Stage
 from morpho_dist.wrap import seeded_layers, wrap
 
 transformers = pytest.importorskip("transformers")
@@ -265,6 +265,14 @@ def test_load_grown_refuses_another_class_and_changes_nothing(tmp_path):
         morpho_dist.load_grown(ConvNet(), tmp_path / "missing")
 
 
+def end_growth(model, step: int) -> None:
+    """Growth ends here: seeds blended into the output but not FOSSILIZED are culled (export would drop them)."""
+    for layer in seeded_layers(model).values():
+        for i, stage in enumerate(layer.stages()):
+            if stage in BLENDED_STAGES and stage != Stage.FOSSILIZED:
+                commands.cull(layer, layer.seed_offset + i, step)
+
+
 FAST = {"interval": 5, "min_training_steps": 5, "stabilization_steps": 5, "fine_tuning_steps": 10, "patience_k": 1}
 
 
@@ -297,10 +305,7 @@ def test_engine_grown_convnet_saves_and_loads(kind, tmp_path):
         morph.step(opt, evaluate=val_loss)
         opt.zero_grad()
     assert any(e["to"] == "FOSSILIZED" for e in morph.events)
-    for layer in seeded_layers(model).values():  # growth ends here: seeds still on the way are culled
-        for i, stage in enumerate(layer.stages()):
-            if stage not in (Stage.FOSSILIZED, Stage.CULLED, Stage.DORMANT, Stage.ROLLED_BACK):
-                commands.cull(layer, layer.seed_offset + i, morph.steps)
+    end_growth(model, morph.steps)
     model.eval()
     with torch.no_grad():
         want = model(x)
@@ -317,3 +322,54 @@ def test_engine_grown_convnet_saves_and_loads(kind, tmp_path):
             assert _within_tol(strict(x), want)
     else:
         assert adapters
+
+
+def _rule_tokens(step: int, rows: int = 16, seq: int = 16, vocab: int = 64):
+    """Sequences with a rule to learn, x[t+1] = (3 x[t] + 1) mod vocab, from a random start."""
+    tokens = [torch.randint(0, vocab, (rows, 1), generator=torch.Generator().manual_seed(step))]
+    for _ in range(seq - 1):
+        tokens.append((tokens[-1] * 3 + 1) % vocab)
+    return torch.cat(tokens, 1)
+
+
+@pytest.mark.parametrize("name,kind", [("llama", "lowrank"), ("gpt2", "diagonal")])
+def test_engine_grown_transformers_model_round_trip(name, kind, tmp_path):
+    """Morphogenesis grows a Llama (lowrank seeds: an adapter) or a GPT-2 (diagonal additive seeds on Conv1D:
+    merged) until a seed is FOSSILIZED; save_grown, then from_pretrained into the class plus load_grown."""
+    torch.manual_seed(0)
+    model = llama() if name == "llama" else gpt2()
+    seeds = {"targets": ["mlp.up_proj" if name == "llama" else "mlp.c_fc"], "per_layer": 2, "kind": kind, "rank": 8}
+    morph = morpho_dist.Morphogenesis(model, seeds=seeds, controller=FAST, schedule={"ramp_steps": 5})
+    opt = torch.optim.AdamW(morph.host_parameters(), lr=3e-3)
+    val_ids = _rule_tokens(-1)
+
+    @torch.no_grad()
+    def val_loss():
+        model.eval()
+        loss = float(model(input_ids=val_ids, labels=val_ids).loss)
+        model.train()
+        return loss
+
+    model.train()
+    for step in range(200):
+        ids = _rule_tokens(step)
+        morph.loss(model(input_ids=ids, labels=ids).loss).backward()
+        morph.step(opt, evaluate=val_loss)
+        opt.zero_grad()
+        if any(e["to"] == "FOSSILIZED" for e in morph.events):
+            break
+    assert any(e["to"] == "FOSSILIZED" for e in morph.events)
+    end_growth(model, morph.steps)
+    model.eval()
+    with torch.no_grad():
+        want = _outputs(model, val_ids)
+    morpho_dist.save_grown(model, tmp_path)
+    cls = type(model)
+    fresh = morpho_dist.load_grown(cls.from_pretrained(tmp_path).eval(), tmp_path)
+    with torch.no_grad():
+        assert _within_tol(_outputs(fresh, val_ids), want)
+    assert (tmp_path / ADAPTER_FILE).exists() == (kind == "lowrank")
+    if kind == "diagonal":  # all merged: the plain transformers round trip is exact too
+        morpho_dist.export(model).save_pretrained(tmp_path / "plain")
+        with torch.no_grad():
+            assert _within_tol(_outputs(cls.from_pretrained(tmp_path / "plain").eval(), val_ids), want)
