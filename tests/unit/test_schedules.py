@@ -206,7 +206,13 @@ def test_on_interval_ignores_seeds_of_other_shards():
     rep.seeds[0].benefit, rep.seeds[3].benefit = -1.0, -1.0
     sch.on_interval(layer, rep, HostSignals())
     rates = layer.alpha_rate.tolist()
+    scale = (1.0 + 1.0 + 9.0) / 3  # mean |benefit| of the GRAFTING seeds in the report (4, 7 and global 3)
+    assert rates[0] == pytest.approx(0.1 / scale)  # global seed 4 is local 0
     assert rates[3] == pytest.approx(rates[0])  # seed 7 (local 3) not overwritten by global seed 3
+
+
+def test_host_signals_default_to_zero():
+    assert (HostSignals().weight_drift, HostSignals().grad_norm) == (0.0, 0.0)
 
 
 def test_step_clamps_alpha_to_the_unit_interval():
