@@ -204,8 +204,8 @@ def _check_launch(cfg: DictConfig, env) -> object:
     from morpho_dist import distributed
 
     try:
-        device = distributed.pick_device(env, cfg.train.device)
-    except RuntimeError as err:  # train.device='cuda' without CUDA
+        device = distributed.pick_device(env, cfg.train.device, int(cfg.train.ranks_per_device))
+    except (RuntimeError, ValueError) as err:  # train.device='cuda' without CUDA; too few GPUs for the ranks
         _die(str(err))
     try:
         mode, _, seed = distributed.Mesh.degrees(cfg.sharding, env.world_size)

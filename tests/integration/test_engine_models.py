@@ -18,7 +18,7 @@ PATH = ["GERMINATED", "TRAINING", "GRAFTING", "STABILIZATION", "EVALUATING", "FI
 MAX_STEPS = 200
 
 
-def grow(model, seeds, batch, loss_fn, val_batch):
+def grow(model, seeds, batch, loss_fn, val_batch, max_steps=None):
     """A plain training loop; the lines that mention ``morph`` are the plugin's. Stops at the first FOSSILIZED seed."""
     morph = morpho_dist.Morphogenesis(model, seeds=seeds, controller=FAST, schedule={"ramp_steps": 5})
     opt = torch.optim.AdamW(morph.host_parameters(), lr=3e-3)
@@ -31,7 +31,7 @@ def grow(model, seeds, batch, loss_fn, val_batch):
         return out
 
     model.train()
-    for step in range(MAX_STEPS):
+    for step in range(max_steps or MAX_STEPS):
         loss = morph.loss(loss_fn(model, *batch(step)))
         loss.backward()
         morph.step(opt, evaluate=val_loss)
