@@ -258,7 +258,11 @@ def main() -> None:
     set_cpu_threads(env, device)
     _LAUNCH.update(stop=stop, overrides=overrides)
     with distributed.process_group(
-        env, device if env.distributed else None, float(cfg.reliability.collective_timeout_s)
+        env,
+        device if env.distributed else None,
+        float(cfg.reliability.collective_timeout_s),
+        backend=str(cfg.sharding.backend),  # ranks sharing a GPU: gloo (NCCL refuses two ranks on one device)
+        ranks_per_device=int(cfg.train.ranks_per_device),
     ):
         if env.distributed:
             if RUN_DIR_ENV not in os.environ and not any(o.startswith("hydra.run.dir=") for o in overrides):
