@@ -42,6 +42,9 @@ def test_a_save_failing_on_one_rank_stops_every_rank_with_one_line(tmp_path):
     assert len(errors) == 1, res.stderr[-4000:]  # one line for the run (the CLI prints on rank 0 only)
     line = errors[0]
     assert "saving checkpoint" in line and "step_0000020" in line and "rank 1: OSError [ENOSPC]" in line, line
-    assert sorted(re.findall(r"exitcode\s*:\s*(\d+)", res.stderr)) == ["3", "3"], res.stderr[-4000:]  # every rank
+    # torchrun's failure report: one "exitcode : N (pid: P)" row per rank (its own log line "failed (exitcode: N)"
+    # about the first rank to fail is not a row)
+    rows = re.findall(r"^\s*exitcode\s*:\s*(\d+)\s*\(pid", res.stderr, flags=re.M)
+    assert sorted(rows) == ["3", "3"], res.stderr[-4000:]  # every rank
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["step_0000010"]
     assert checkpoint.validate(str(run_dir / "checkpoints" / "step_0000010"))["step"] == 10

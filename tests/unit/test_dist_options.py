@@ -27,7 +27,7 @@ def _validate(*overrides: str) -> None:
     "overrides, needle",
     [
         (["sharding.backend=mpi"], "sharding.backend='mpi' is not allowed; allowed values: ['auto', 'nccl', 'gloo']"),
-        (["train.ranks_per_device=0"], "train.ranks_per_device=0 must be > 0"),
+        (["train.ranks_per_device=0"], "train.ranks_per_device=0 is not allowed; it must be a finite number >= 1"),
         (["sharding.backend=nccl", "train.device=cpu"], "allowed values with a CPU or a shared GPU: ['auto', 'gloo']"),
         (["sharding.backend=nccl", "train.ranks_per_device=2"], "sharding.backend='nccl' needs train.device=cuda"),
         (["optim=sgd", "optim.fused=true"], "optim.fused=true works with optim.name in ['adamw', 'adam']"),
