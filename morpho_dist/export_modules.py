@@ -16,6 +16,20 @@ from torch import nn
 BLEND_FORMULAS = ("additive", "multiplicative", "linear")  # index = blend id (DESIGN.md section 2)
 
 
+class WrapsOriginal(nn.Module):
+    """A module standing in for a user's ``original`` one: attributes it does not have (``weight``, ``in_features``,
+    a model's own fields) are read from ``original``, so code written for the user's module keeps working."""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules")
+            if name == "original" or not modules or "original" not in modules:
+                raise
+            return getattr(modules["original"], name)
+
+
 class DiagonalBlueprint(nn.Module):
     """u = g * x + b (per feature)."""
 
@@ -68,7 +82,7 @@ class FossilizedSeed(nn.Module):
         return f"features=[{self.start}, {self.end}), blend={BLEND_FORMULAS[self.blend]}"
 
 
-class FossilizedOutput(nn.Module):
+class FossilizedOutput(WrapsOriginal):
     """``original`` followed by its fossilized seeds, each rewriting its chunk of the feature dim
     (``channel_dim``: -1 for Linear outputs, -3 for Conv2d's channels). The output keeps the original output's
     strides; attributes it does not have are read from ``original``."""
@@ -88,15 +102,6 @@ class FossilizedOutput(nn.Module):
             out[..., seed.start : seed.end] = seed(h[..., seed.start : seed.end])
         out = out.movedim(-1, self.channel_dim) if moved else out
         return out if out.stride() == y.stride() else torch.empty_like(y).copy_(out)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            modules = self.__dict__.get("_modules")
-            if name == "original" or not modules or "original" not in modules:
-                raise
-            return getattr(modules["original"], name)
 
     def extra_repr(self) -> str:
         return f"channel_dim={self.channel_dim}"

@@ -28,6 +28,7 @@ from morpho_dist.export_modules import (
     DiagonalBlueprint,
     FossilizedOutput,
     FossilizedSeed,
+    WrapsOriginal,
     lowrank_blueprint,
     refuse_save_pretrained,
 )
@@ -64,7 +65,7 @@ def _dense(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
     return True
 
 
-class SeededOutput(nn.Module):
+class SeededOutput(WrapsOriginal):
     """``seeded(original(x))``: the original module untouched, then its output's seed population.
 
     The output keeps the original output's strides, and where the features are not the output's contiguous last
@@ -89,15 +90,6 @@ class SeededOutput(nn.Module):
         if out.stride() != y.stride():
             out = torch.empty_like(y).copy_(out)  # y's own layout (empty_like keeps dense strides)
         return out
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            modules = self.__dict__.get("_modules")
-            if name == "original" or not modules or "original" not in modules:
-                raise
-            return getattr(modules["original"], name)
 
 
 # The keys of the Hydra ``seeds`` group (config.SeedsConfig) and wrap's defaults for those a caller leaves out;
