@@ -15,6 +15,7 @@ import shlex
 import shutil
 import signal
 import sys
+import time
 
 import hydra
 from omegaconf import DictConfig
@@ -99,7 +100,13 @@ def _die(message: str, code: int = EXIT_CONFIG) -> None:
     """One line on rank 0 (every rank meets the same config and the same collective errors), then exit."""
     if _is_main():
         print(f"error: {message}", file=sys.stderr)
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # torchrun ends the other ranks as soon as one exits: leave rank 0 the moment it needs to print the line
+        time.sleep(_RANK0_GRACE_S)
     sys.exit(code)
+
+
+_RANK0_GRACE_S = 1.0
 
 
 def _is_main() -> bool:

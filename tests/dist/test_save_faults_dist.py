@@ -43,8 +43,10 @@ def test_a_save_failing_on_one_rank_stops_every_rank_with_one_line(tmp_path):
     line = errors[0]
     assert "saving checkpoint" in line and "step_0000020" in line and "rank 1: OSError [ENOSPC]" in line, line
     # torchrun's failure report: one "exitcode : N (pid: P)" row per rank (its own log line "failed (exitcode: N)"
-    # about the first rank to fail is not a row)
-    rows = re.findall(r"^\s*exitcode\s*:\s*(\d+)\s*\(pid", res.stderr, flags=re.M)
-    assert sorted(rows) == ["3", "3"], res.stderr[-4000:]  # every rank
+    # about the first rank to fail is not a row). Every rank decides to stop with 3 (the line above names rank 1's
+    # cause, so rank 0 learned it through the collective); whichever rank exits first, torchrun then SIGTERMs the
+    # other, which may still be on its way out (-15) -- a race in the launcher, not in the run.
+    rows = re.findall(r"^\s*exitcode\s*:\s*(-?\d+)\s*\(pid", res.stderr, flags=re.M)
+    assert len(rows) == 2 and "3" in rows and set(rows) <= {"3", "-15"}, res.stderr[-4000:]
     assert sorted(os.listdir(run_dir / "checkpoints")) == ["step_0000010"]
     assert checkpoint.validate(str(run_dir / "checkpoints" / "step_0000010"))["step"] == 10
