@@ -15,10 +15,8 @@ A failed save (a full disk, a read-only or unwritable directory, any exception o
 ``CheckpointException``, a ``BaseException``) removes its ``.tmp`` and raises ``CheckpointError`` on every rank,
 one line naming the path and the cause; the existing checkpoints are untouched.
 
-``run_dir_lock``: one run per run dir. Rank 0 holds an exclusive ``flock`` on ``<run_dir>/.run.lock`` (holding
-its pid, host and start time) for the whole run; the kernel releases it when the process ends however it ends,
-so a lock file left by a dead run is stale and taken over. A second run on the same dir stops with
-``RunDirBusy`` (a ConfigError: one line, exit 2) on every rank before it writes anything.
+Which checkpoint a run resumes from (``checkpoint.resume``, ``auto``) and the run dir's lock are
+morpho_dist.resume, built on this module.
 
 Every tensor is stored in its global view (morpho_dist.sharding): tensor-parallel host parameters and their
 optimizer state as DTensors, each seeded layer's per-seed state, blueprint bank and seed-optimizer state as one
@@ -36,9 +34,7 @@ summary as an uninterrupted one: batches are a function of (seed, step), and eve
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import fcntl
 import glob
 import hashlib
 import json
@@ -47,11 +43,9 @@ import pickle
 import random
 import re
 import shutil
-import socket
 import sys
-import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -59,7 +53,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from morpho_dist.errors import ConfigError
+from morpho_dist.distributed import barrier, gather_object
 from morpho_dist.kernels.layout import F_ABSMAX
 from morpho_dist.sharding import global_view, seed_view
 from morpho_dist.telemetry import grad_field_scale
@@ -67,9 +61,9 @@ from morpho_dist.telemetry import grad_field_scale
 CKPT_DIR = "checkpoints"
 MARKER = "checkpoint.json"  # written last, inside the temporary directory, before the rename
 TMP_SUFFIX = ".tmp"
-LOCK = ".run.lock"
 _STEP_RE = re.compile(r"step_(\d+)$")
-# Config keys that decide which tensors a checkpoint holds and their shapes (a resume must match them).
+# Config keys that decide which tensors a checkpoint holds and their shapes (a resume must match them). The
+# marker records them and ``load`` refuses a config that differs, so they live here, under morpho_dist.resume.
 FIT_KEYS = (
     "model",
     "data.name",
@@ -91,10 +85,6 @@ FULL_DISK_BYTES = 1 << 20  # a failed save on a filesystem with less free space 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, incomplete or corrupt, or a save that failed; the message names the path."""
-
-
-class RunDirBusy(ConfigError):
-    """Another live run holds the run dir's lock."""
 
 
 def checkpoint_path(run_dir: str, step: int) -> str:
@@ -167,155 +157,19 @@ def latest_checkpoint(run_dir: str, max_step: int | None = None) -> str | None:
     return found[-1][1] if found else None
 
 
-def _marker(path: str) -> dict:
+def step_of(path: str) -> int | None:
+    """The step of a ``step_<k>`` checkpoint directory's path, None for another path."""
+    m = _STEP_RE.search(os.path.normpath(path))
+    return int(m.group(1)) if m else None
+
+
+def read_marker(path: str) -> dict:
+    """A checkpoint's marker, unvalidated ({} when it cannot be read)."""
     try:
         with open(os.path.join(path, MARKER)) as fh:
             return json.load(fh)
     except (OSError, ValueError):
         return {}
-
-
-def find_auto_resume(run_dir: str, root: str, fits: Callable[[dict], bool] | None = None) -> str | None:
-    """``checkpoint.resume=auto``: the newest complete checkpoint of this run dir (a restart, a relaunch into the
-    same dir), else of the newest run under ``root`` (by its newest checkpoint's write time) whose checkpoint
-    ``fits`` this config (a predicate over its marker); None when there is none."""
-    own = latest_checkpoint(run_dir)
-    if own is not None:
-        return own
-    found = []
-    for marker in glob.glob(os.path.join(glob.escape(root), "**", CKPT_DIR, "step_*", MARKER), recursive=True):
-        path = os.path.dirname(marker)
-        if is_checkpoint(path) and _STEP_RE.search(path) and (fits is None or fits(_marker(path))):
-            found.append((os.path.getmtime(marker), int(_STEP_RE.search(path).group(1)), path))
-    return max(found)[2] if found else None
-
-
-def outputs_root(run_dir: str) -> str:
-    """Where ``auto`` looks for earlier runs: Hydra's ``outputs/`` when the run dir lies under it (the default
-    ``outputs/<date>/<time>``), else the run dir's parent."""
-    run_dir = os.path.abspath(run_dir)
-    default = os.path.abspath("outputs")
-    if run_dir.startswith(default + os.sep):
-        return default
-    return os.path.dirname(run_dir)
-
-
-def resolve_resume(
-    resume: str | None,
-    run_dir: str,
-    *,
-    steps: int | None = None,
-    fits: Callable[[dict], bool] | None = None,
-    announce: bool = False,
-) -> str | None:
-    """checkpoint.resume -> a validated checkpoint directory or None.
-
-    ``auto``: see ``find_auto_resume`` (None: start fresh); with ``announce`` one line says which checkpoint it
-    took, or that it starts fresh. A checkpoint directory: itself; a run directory: its latest. Errors are one
-    line naming ``checkpoint.resume`` (``CheckpointError``): no such checkpoint, an incomplete or corrupt one
-    (never silently skipped; the hint names the newest complete one older than it), or one past ``steps``
-    (``ConfigError``)."""
-    if resume in (None, "", "null"):
-        return None
-    if resume == "auto":
-        found = find_auto_resume(run_dir, outputs_root(run_dir), fits)
-        if announce:
-            root = os.path.relpath(outputs_root(run_dir))
-            said = f"resuming from {found}" if found else f"no complete checkpoint that fits this config under {root}"
-            print(f"checkpoint.resume=auto: {said}{'' if found else '; starting fresh'}", file=sys.stderr)
-    elif os.path.isdir(resume) and (is_checkpoint(resume) or _STEP_RE.search(os.path.normpath(resume))):
-        found = resume
-    elif os.path.isdir(resume):
-        found = latest_checkpoint(resume)
-        if found is None:
-            raise CheckpointError(f"checkpoint.resume={resume!r}: no complete {CKPT_DIR}/step_*/ checkpoint there")
-    else:
-        raise CheckpointError(f"checkpoint.resume={resume!r}: no such checkpoint or run directory")
-    if found is None:
-        return None
-    try:
-        meta = validate(found)
-    except CheckpointError as err:
-        step = int(_STEP_RE.search(os.path.normpath(found)).group(1)) if _STEP_RE.search(found) else None
-        older = [p for s, p in list_checkpoints(os.path.dirname(os.path.dirname(found))) if step is None or s < step]
-        hint = f"; the newest complete checkpoint before it is {older[-1]!r}" if older else ""
-        raise CheckpointError(f"checkpoint.resume={resume!r}: {err}{hint}") from None
-    if steps is not None and int(meta["step"]) > steps:
-        raise ConfigError(
-            f"checkpoint.resume={resume!r} is at step {meta['step']}, past train.steps={steps}; set "
-            f"train.steps={meta['step']} or more to continue it"
-        )
-    return found
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
-
-
-def _acquire(run_dir: str) -> tuple[int | None, str | None]:
-    """Rank 0: (fd holding the exclusive lock, None) or (None, why not: one line)."""
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-        lock = os.path.join(run_dir, LOCK)
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as err:
-        return None, f"run_dir={run_dir!r} cannot be locked ({describe_failure(err)})"
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        holder = os.pread(fd, 4096, 0).decode(errors="replace").split()
-        os.close(fd)
-        who = f"pid {holder[0]} on {holder[1]}" if len(holder) >= 2 else "another process"
-        return None, (
-            f"run_dir={run_dir!r} is in use by another run ({who}); wait for it to end or give this run another "
-            "run_dir (hydra.run.dir=...)"
-        )
-    previous = os.pread(fd, 4096, 0).decode(errors="replace").split()
-    if previous and previous[0].isdigit() and previous[1:2] == [socket.gethostname()]:
-        state = "not running" if not _pid_alive(int(previous[0])) else "its lock released"
-        print(f"note: run_dir={run_dir!r}: taking over the stale lock of pid {previous[0]} ({state})", file=sys.stderr)
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()} {socket.gethostname()} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n".encode(), 0)
-    return fd, None
-
-
-def run_dir_in_use(run_dir: str) -> bool:
-    """Whether a live process holds the run dir's lock (a refused second run must not clean up that dir)."""
-    try:
-        fd = os.open(os.path.join(run_dir, LOCK), os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        return True
-    finally:
-        os.close(fd)  # releases the probe's lock too
-    return False
-
-
-@contextlib.contextmanager
-def run_dir_lock(run_dir: str, is_main: bool) -> Iterator[str]:
-    """Hold the run dir for this run (rank 0 holds the lock; collective when distributed): RunDirBusy on every
-    rank when another live run holds it. Released on leaving, however (the emptied lock file stays: removing
-    it could let two later runs lock two different files)."""
-    fd, refusal = _acquire(run_dir) if is_main else (None, None)
-    refusal = next((r for r in _gather(refusal) if r), None)
-    if refusal is not None:
-        raise RunDirBusy(refusal)
-    try:
-        yield run_dir
-    finally:
-        if fd is not None:
-            with contextlib.suppress(OSError):
-                os.ftruncate(fd, 0)
-            os.close(fd)  # releases the flock
 
 
 def rng_state() -> dict:
@@ -428,15 +282,6 @@ def nonfinite_host_tensors(sd: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def _gather(value: Any) -> list[Any]:
-    """Every rank's ``value`` (rank order); [value] without a process group."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return [value]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, value)
-    return out
-
-
 def describe_failure(err: BaseException) -> str:
     """One line for the cause of a failed save: DCP's CheckpointException carries each rank's exception with
     its traceback (many lines); the first rank's exception is named instead."""
@@ -473,7 +318,7 @@ def save(
         mesh=mesh, layers=layers, host_params=host_params, optimizers=optimizers, prev_host=prev_host
     )
     main = mesh.rank == 0
-    bad = sorted({k for part in _gather(nonfinite_host_tensors(sd)) for k in part})
+    bad = sorted({k for part in gather_object(nonfinite_host_tensors(sd)) for k in part})
     if bad:
         if main:
             print(
@@ -499,13 +344,13 @@ def save(
             os.makedirs(tmp)
     except OSError as err:
         failure = describe_failure(err)
-    failure = next((f for f in _gather(failure) if f), None)  # rank 0's verdict, on every rank
+    failure = next((f for f in gather_object(failure) if f), None)  # rank 0's verdict, on every rank
     if failure is None:
         try:
             with warnings.catch_warnings():  # DCP says it saves "in a single process" without a process group
                 warnings.filterwarnings("ignore", message=".*single process.*", category=UserWarning)
                 dcp.save(sd, checkpoint_id=tmp)  # collective: a failure on one rank raises on every rank
-            _barrier()
+            barrier()  # every rank's files are written
             if main:
                 _commit(tmp, path, step, keep, fit_config(config))
         except (KeyboardInterrupt, SystemExit):
@@ -514,7 +359,7 @@ def save(
             raise
         except BaseException as err:  # noqa: BLE001  DCP's CheckpointException is a BaseException
             failure = describe_failure(err)
-        failure = next((f for f in _gather(failure) if f), None)
+        failure = next((f for f in gather_object(failure) if f), None)
     if failure is not None:
         failure += _space_note(os.path.dirname(tmp), failure)
         if main:
@@ -536,11 +381,6 @@ def _space_note(directory: str, failure: str) -> str:
     if free >= FULL_DISK_BYTES or "ENOSPC" in failure:
         return ""
     return f"; no space left on the device ({free} bytes free)"
-
-
-def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
 
 
 def _fsync_dir(path: str) -> None:
@@ -642,7 +482,7 @@ def load(
         raise
     except BaseException as err:  # noqa: BLE001  DCP's CheckpointException is a BaseException
         raise CheckpointError(f"loading checkpoint {path!r} failed ({describe_failure(err)})") from None
-    bad = sorted({k for part in _gather(nonfinite_host_tensors(sd)) for k in part})
+    bad = sorted({k for part in gather_object(nonfinite_host_tensors(sd)) for k in part})
     if bad:
         raise CheckpointError(
             f"checkpoint {path!r} is not usable: {len(bad)} host tensor(s) hold non-finite values (first: {bad[0]})"

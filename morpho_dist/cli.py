@@ -121,7 +121,7 @@ _LAUNCH_LEFTOVERS = {".hydra", "train.log", ".run.lock"}
 
 def _remove_if_untouched(run_dir: str) -> None:
     """Rank 0, after a launch that failed or stopped before it wrote anything: no empty run dir is left."""
-    from morpho_dist.checkpoint import run_dir_in_use
+    from morpho_dist.resume import run_dir_in_use
 
     untouched = os.path.isdir(run_dir) and set(os.listdir(run_dir)) <= _LAUNCH_LEFTOVERS
     if _is_main() and untouched and not run_dir_in_use(run_dir):  # never the dir of a live run that holds it

@@ -275,12 +275,18 @@ def barrier() -> None:
         dist.barrier()
 
 
+def gather_object(value: Any) -> list[Any]:
+    """Every rank's (picklable) ``value``, in rank order; [value] without a process group."""
+    if not is_initialized():
+        return [value]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
 def all_equal(value: Any) -> bool:
     """Whether every rank holds the same (picklable) ``value``."""
-    if not is_initialized():
-        return True
-    values: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(values, value)
+    values = gather_object(value)
     return all(v == values[0] for v in values)
 
 

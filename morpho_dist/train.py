@@ -34,6 +34,7 @@ from morpho_dist.logging import make_run_log
 from morpho_dist.models import build_model
 from morpho_dist.optim import make_host_optimizer
 from morpho_dist.reliability import hook, maybe_kill
+from morpho_dist.resume import fits_config, resolve_resume, run_dir_lock
 from morpho_dist.summary import stage_counts
 from morpho_dist.task import build_task
 from morpho_dist.wrap import find_targets
@@ -115,9 +116,7 @@ class Checkpoints:
         resume = self.cfg.resume
         if resume in (None, "", "null") and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0) > 0:
             resume = "auto"
-        fit = checkpoint.fit_config(self.app_cfg)
-        fits = lambda marker: not checkpoint.config_mismatch(marker.get("config", {}), fit)  # noqa: E731
-        path = checkpoint.resolve_resume(resume, self.run_dir, steps=steps, fits=fits, announce=announce)
+        path = resolve_resume(resume, self.run_dir, steps=steps, fits=fits_config(self.app_cfg), announce=announce)
         if path is not None:
             self.restore(path)
         return path
@@ -173,7 +172,7 @@ def run(cfg: Any, record: dict | None = None, stop: StopSignal | None = None) ->
     with process_group(env, device, timeout, backend=str(cfg.sharding.backend), ranks_per_device=per_device):
         if not cfg.run_dir:
             cfg.run_dir = resolve_run_dir(cfg, env)  # picked once (rank 0's choice on every rank)
-        with checkpoint.run_dir_lock(str(cfg.run_dir), env.is_main):  # one run per run dir
+        with run_dir_lock(str(cfg.run_dir), env.is_main):  # one run per run dir
             return train(cfg, env, device, record, stop)
 
 

@@ -23,7 +23,7 @@ import pytest
 import torch.distributed.checkpoint as dcp
 from hydra import compose, initialize_config_dir
 
-from morpho_dist import checkpoint
+from morpho_dist import checkpoint, resume
 from morpho_dist.cli import CONF_DIR
 from morpho_dist.config import register_configs
 from morpho_dist.train import run
@@ -299,21 +299,21 @@ def test_an_old_marker_without_config_still_names_the_shape_that_differs(tmp_pat
 
 # ---- one run per run dir -------------------------------------------------------------------------------------------
 def test_second_run_on_a_locked_run_dir_is_refused(tmp_path):
-    with checkpoint.run_dir_lock(str(tmp_path), is_main=True):
-        with pytest.raises(checkpoint.RunDirBusy) as info:
+    with resume.run_dir_lock(str(tmp_path), is_main=True):
+        with pytest.raises(resume.RunDirBusy) as info:
             _run(tmp_path, "train.steps=5")
         msg = str(info.value)
         assert "\n" not in msg and "is in use by another run" in msg and f"pid {os.getpid()}" in msg
         assert not os.path.exists(tmp_path / "metrics.jsonl")  # refused before writing anything
     s = _run(tmp_path, "train.steps=5")  # released on exit
     assert s["steps"] == 5
-    assert (tmp_path / checkpoint.LOCK).read_text() == ""  # released by the run too
+    assert (tmp_path / resume.LOCK).read_text() == ""  # released by the run too
 
 
 def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path, capfd):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    (tmp_path / checkpoint.LOCK).write_text(f"{dead.pid} {os.uname().nodename} 2026-01-01T00:00:00\n")
+    (tmp_path / resume.LOCK).write_text(f"{dead.pid} {os.uname().nodename} 2026-01-01T00:00:00\n")
     s = _run(tmp_path, "train.steps=5")
     assert s["steps"] == 5
     assert f"taking over the stale lock of pid {dead.pid} (not running)" in capfd.readouterr().err
@@ -327,8 +327,8 @@ def test_cli_second_run_exits_2_with_one_line(tmp_path):
         [
             sys.executable,
             "-c",
-            "import sys, time; from morpho_dist import checkpoint\n"
-            f"with checkpoint.run_dir_lock({str(run_dir)!r}, True):\n"
+            "import sys, time; from morpho_dist import resume\n"
+            f"with resume.run_dir_lock({str(run_dir)!r}, True):\n"
             f"    open({str(ready)!r}, 'w').close(); time.sleep(120)\n",
         ],
         env={**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")},
@@ -356,7 +356,7 @@ def test_cli_second_run_exits_2_with_one_line(tmp_path):
             timeout=300,
         )
         # the refused run left the holder's dir alone (it holds only launch leftovers, but it is in use)
-        assert (run_dir / checkpoint.LOCK).read_text().split()[0] == str(holder.pid)
+        assert (run_dir / resume.LOCK).read_text().split()[0] == str(holder.pid)
     finally:
         holder.kill()
         holder.wait()

@@ -1,6 +1,7 @@
 """morpho_dist.checkpoint without a training run (fast; the mutation script's tests for checkpoint.py): the marker
 and what validation refuses, the newest-K pruning, the config a checkpoint must fit, the one-line failure causes,
-saves that fail or refuse a non-finite host, loads that refuse what does not fit, and the run-dir lock."""
+saves that fail or refuse a non-finite host, loads that refuse what does not fit, and the run-dir lock
+(morpho_dist.resume)."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from morpho_dist import checkpoint
+from morpho_dist import checkpoint, resume
 from morpho_dist.checkpoint import CheckpointError
 
 MESH = SimpleNamespace(rank=0, dp=1, dp_rank=0, seed=1, mode="data", device_mesh=None)
@@ -245,26 +246,26 @@ def test_load_refuses_a_non_finite_host(tmp_path, monkeypatch):
 
 # ---- the run-dir lock ----------------------------------------------------------------------------------------------
 def test_run_dir_lock_refuses_a_second_holder_and_releases(tmp_path):
-    with checkpoint.run_dir_lock(str(tmp_path), is_main=True):
-        held = (tmp_path / checkpoint.LOCK).read_text().split()
+    with resume.run_dir_lock(str(tmp_path), is_main=True):
+        held = (tmp_path / resume.LOCK).read_text().split()
         assert held[0] == str(os.getpid()) and held[1] == os.uname().nodename
-        with pytest.raises(checkpoint.RunDirBusy) as info, checkpoint.run_dir_lock(str(tmp_path), is_main=True):
+        with pytest.raises(resume.RunDirBusy) as info, resume.run_dir_lock(str(tmp_path), is_main=True):
             pass
         assert f"pid {os.getpid()} on {os.uname().nodename}" in str(info.value) and "\n" not in str(info.value)
         assert isinstance(info.value, ValueError)  # a ConfigError: the CLI's exit 2
-        with checkpoint.run_dir_lock(str(tmp_path), is_main=False):  # other ranks never take it
+        with resume.run_dir_lock(str(tmp_path), is_main=False):  # other ranks never take it
             pass
-    assert (tmp_path / checkpoint.LOCK).read_text() == ""
-    with checkpoint.run_dir_lock(str(tmp_path), is_main=True):  # free again
+    assert (tmp_path / resume.LOCK).read_text() == ""
+    with resume.run_dir_lock(str(tmp_path), is_main=True):  # free again
         pass
 
 
 def test_stale_lock_is_taken_over_with_a_note(tmp_path, capfd):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    (tmp_path / checkpoint.LOCK).write_text(f"{dead.pid} {os.uname().nodename} 2026-01-01T00:00:00\n")
-    with checkpoint.run_dir_lock(str(tmp_path), is_main=True):
-        assert (tmp_path / checkpoint.LOCK).read_text().split()[0] == str(os.getpid())
+    (tmp_path / resume.LOCK).write_text(f"{dead.pid} {os.uname().nodename} 2026-01-01T00:00:00\n")
+    with resume.run_dir_lock(str(tmp_path), is_main=True):
+        assert (tmp_path / resume.LOCK).read_text().split()[0] == str(os.getpid())
     assert f"taking over the stale lock of pid {dead.pid} (not running)" in capfd.readouterr().err
 
 
@@ -279,7 +280,7 @@ def test_a_failure_on_a_full_filesystem_names_it(tmp_path, monkeypatch):
 
 
 def test_run_dir_in_use_only_while_a_process_holds_the_lock(tmp_path):
-    assert not checkpoint.run_dir_in_use(str(tmp_path))  # no lock file
-    with checkpoint.run_dir_lock(str(tmp_path), is_main=True):
-        assert checkpoint.run_dir_in_use(str(tmp_path))
-    assert not checkpoint.run_dir_in_use(str(tmp_path))  # released (the emptied file stays)
+    assert not resume.run_dir_in_use(str(tmp_path))  # no lock file
+    with resume.run_dir_lock(str(tmp_path), is_main=True):
+        assert resume.run_dir_in_use(str(tmp_path))
+    assert not resume.run_dir_in_use(str(tmp_path))  # released (the emptied file stays)
