@@ -20,7 +20,8 @@ import time
 import hydra
 from omegaconf import DictConfig
 
-from morpho_dist.config import register_configs, validate
+from morpho_dist.config import register_configs
+from morpho_dist.config_rules import validate
 from morpho_dist.errors import EXIT_CHECKPOINT, EXIT_CONFIG, EXIT_FAULT, ConfigError
 from morpho_dist.interrupts import Interrupted, StopSignal
 

@@ -37,14 +37,8 @@ import torch.distributed as dist
 from torch import nn
 
 from morpho_dist.commands import local_index, owns, tick_
-from morpho_dist.config import (
-    KernelConfig,
-    OptimConfig,
-    ReliabilityConfig,
-    SeedsConfig,
-    TrainConfig,
-    group_config,
-)
+from morpho_dist.config import KernelConfig, OptimConfig, ReliabilityConfig, SeedsConfig, TrainConfig
+from morpho_dist.config_rules import group_config
 from morpho_dist.controller import Controller, ControllerConfig, apply_decisions, measure_counterfactuals
 from morpho_dist.distributed import Mesh
 from morpho_dist.kernels.options import KernelOptions

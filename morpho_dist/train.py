@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from morpho_dist import checkpoint
-from morpho_dist.config import validate
+from morpho_dist.config_rules import validate
 from morpho_dist.data import load_dataset
 from morpho_dist.distributed import DistEnv, Mesh, pick_device, process_group, read_env, shared_run_dir, wrap_ddp
 from morpho_dist.engine import Morphogenesis

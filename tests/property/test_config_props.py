@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 from morpho_dist import cli
-from morpho_dist.config import validate
+from morpho_dist.config_rules import validate
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -9,7 +9,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from morpho_dist.cli import CONF_DIR, one_line
-from morpho_dist.config import register_configs, validate
+from morpho_dist.config import register_configs
+from morpho_dist.config_rules import validate
 from morpho_dist.errors import ConfigError
 
 register_configs()

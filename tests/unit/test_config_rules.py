@@ -19,7 +19,8 @@ from omegaconf import DictConfig, ListConfig
 
 from morpho_dist import cli
 from morpho_dist.cli import CONF_DIR
-from morpho_dist.config import SCHEMAS, Config, register_configs, rules
+from morpho_dist.config import SCHEMAS, Config, register_configs
+from morpho_dist.config_rules import rules
 from morpho_dist.controller import ControllerConfig
 
 register_configs()
@@ -33,7 +34,7 @@ VARIANTS = (
     ["data=cifar10", "model=cnn"],
 )
 
-# Out-of-range values, written by hand (independent of config.RULES): (variant overrides, bad override).
+# Out-of-range values, written by hand (independent of config_rules.RULES): (variant overrides, bad override).
 OUT_OF_RANGE = [
     ([], "seed=-1"),
     ([], "train.steps=0"),
@@ -165,7 +166,7 @@ def test_every_numeric_schema_field_has_one_rule():
             numeric = hint in (int, float) or (typing.get_origin(hint) is list and args and args[0] in (int, float))
             if numeric and f.name not in table.get(schema, {}):
                 missing.append(f"{schema.__name__}.{f.name}")
-    assert not missing, f"numeric fields without a rule in config.RULES: {missing}"
+    assert not missing, f"numeric fields without a rule in config_rules.RULES: {missing}"
 
 
 def test_fuzz_has_at_least_100_bad_overrides():

@@ -11,8 +11,10 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import Replicate, Shard, distribute_tensor
 
 from morpho_dist.cli import CONF_DIR
-from morpho_dist.config import ConfigError, register_configs, validate
+from morpho_dist.config import register_configs
+from morpho_dist.config_rules import validate
 from morpho_dist.distributed import resolve_backend
+from morpho_dist.errors import ConfigError
 from morpho_dist.optim import host_param_groups
 
 register_configs()

@@ -10,8 +10,10 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from morpho_dist.cli import CONF_DIR
-from morpho_dist.config import ConfigError, register_configs, validate
+from morpho_dist.config import register_configs
+from morpho_dist.config_rules import validate
 from morpho_dist.data import DataSpec
+from morpho_dist.errors import ConfigError
 from morpho_dist.flops import FlopMeter, measure_host, seed_forward_flops
 from morpho_dist.gpt import GPT
 from morpho_dist.lifecycle import Stage
