@@ -218,6 +218,16 @@ def _shape_key(kind, act, x2, stage, p0, telemetry, all_idle) -> tuple:
     return (kind, act, *shapes, telemetry is not None, all_idle)
 
 
+def _lowrank_const(plan: TilePlan, *, act: str, rank: int, opts: KernelOptions, common: dict) -> dict:
+    """The compile-time arguments the lowrank forward and backward kernels share (each adds its shape arguments);
+    ``common``: the direction's USE_ATOMICS, HAS_STATS and num_stages (num_warps: kernel.lowrank_warps)."""
+    low = plan.lowrank
+    return dict(
+        ACT=ACT_IDS[act], BLOCK_T=low.block_t, CP=low.chunk_tile, RP=plan.rank_tile, RANK=rank,
+        DOT_PRECISION=opts.dot_precision, RANK1=plan.rank1, **{**common, "num_warps": opts.lowrank_warps},
+    )  # fmt: skip
+
+
 @dataclass(frozen=True)
 class ForwardLaunch:
     """Everything about a forward launch that its shapes and options fix: grids, scalar arguments, compile-time
@@ -274,11 +284,9 @@ def plan_forward(
             rows, hidden, seeds, chunk, rank, low.rows_per_split, stats_stride, int(det), dead_eps, rec_scale
         )  # fmt: skip
         low_const = dict(
-            ACT=ACT_IDS[act], BLOCK_T=low.block_t, CP=low.chunk_tile, RP=plan.rank_tile, RANK=rank,
-            DOT_PRECISION=opts.dot_precision, RANK1=plan.rank1,
+            **_lowrank_const(plan, act=act, rank=rank, opts=opts, common=common),
             **lowrank_fwd_shape_args(low.block_t, low.chunk_tile, elem_size, opts.lowrank_warps, plan.rank1),
-            **{**common, "num_warps": opts.lowrank_warps},
-        )  # fmt: skip
+        )
     return ForwardLaunch(
         det=det, has_stats=has_stats, stats_splits=stats_splits, seeds=seeds, overlap=overlap,
         rec_len=n_cols + (low.splits * low.groups if low else 0) if det else 1,
@@ -405,11 +413,9 @@ def plan_backward(
         low_grid = (low.splits, low.groups)
         low_scalars = (rows, hidden, seeds, chunk, rank, low.rows_per_split, stats_stride, grad_stride, inv_count)
         low_const = dict(
-            ACT=ACT_IDS[act], BLOCK_T=low.block_t, CP=low.chunk_tile, RP=plan.rank_tile, RANK=rank,
-            DOT_PRECISION=opts.dot_precision, RANK1=plan.rank1,
+            **_lowrank_const(plan, act=act, rank=rank, opts=opts, common=common),
             **lowrank_bwd_shape_args(low.block_t, low.chunk_tile),
-            **{**common, "num_warps": opts.lowrank_warps},
-        )  # fmt: skip
+        )
     return BackwardLaunch(
         det=det, has_stats=has_stats, stats_splits=stats_splits, seeds=seeds, overlap=overlap,
         grad_lead=(grad_splits,) if det else (), grad_alloc_empty=overlap or zero_grads,
