@@ -10,17 +10,17 @@ import torch.nn.functional as F
 from torch import nn
 
 import morpho_dist
+from tests.fast_growth import FAST_CONTROLLER, rule_tokens
 
 transformers = pytest.importorskip("transformers")
 
-FAST = {"interval": 5, "min_training_steps": 5, "stabilization_steps": 5, "fine_tuning_steps": 10, "patience_k": 1}
 PATH = ["GERMINATED", "TRAINING", "GRAFTING", "STABILIZATION", "EVALUATING", "FINE_TUNING", "FOSSILIZED"]
 MAX_STEPS = 200
 
 
 def grow(model, seeds, batch, loss_fn, val_batch, max_steps=None):
     """A plain training loop; the lines that mention ``morph`` are the plugin's. Stops at the first FOSSILIZED seed."""
-    morph = morpho_dist.Morphogenesis(model, seeds=seeds, controller=FAST, schedule={"ramp_steps": 5})
+    morph = morpho_dist.Morphogenesis(model, seeds=seeds, controller=FAST_CONTROLLER, schedule={"ramp_steps": 5})
     opt = torch.optim.AdamW(morph.host_parameters(), lr=3e-3)
 
     @torch.no_grad()
@@ -65,11 +65,7 @@ def token_batches(vocab: int, seq: int, rows: int):
     g = torch.Generator().manual_seed(1)
 
     def batch(step: int):
-        tokens = [torch.randint(0, vocab, (rows, 1), generator=g)]
-        for _ in range(seq - 1):
-            tokens.append((tokens[-1] * 3 + 1) % vocab)
-        ids = torch.cat(tokens, 1)
-        return (ids,)
+        return (rule_tokens(rows, seq, vocab, g),)
 
     return batch
 

@@ -10,17 +10,13 @@ transformers = pytest.importorskip("transformers")
 
 from morpho_dist import Morphogenesis  # noqa: E402
 from morpho_dist.integrations.hf_trainer import ENGINE_FILE, MorphoTrainer  # noqa: E402
+from tests.fast_growth import FAST_CONTROLLER, rule_tokens  # noqa: E402
 
-FAST = {"interval": 5, "min_training_steps": 5, "stabilization_steps": 5, "fine_tuning_steps": 10, "patience_k": 1}
 SEEDS = {"targets": ["mlp.up_proj"], "per_layer": 2, "kind": "diagonal"}
 
 
 def sequences(rows: int, seed: int) -> list[dict]:
-    g = torch.Generator().manual_seed(seed)
-    tokens = [torch.randint(0, 32, (rows, 1), generator=g)]
-    for _ in range(11):
-        tokens.append((tokens[-1] * 3 + 1) % 32)
-    ids = torch.cat(tokens, 1)
+    ids = rule_tokens(rows, 12, 32, torch.Generator().manual_seed(seed))
     return [{"input_ids": row, "labels": row} for row in ids]
 
 
@@ -50,7 +46,7 @@ def llama():
 
 
 def trainer_for(model, out_dir, steps):
-    morph = Morphogenesis(model, seeds=SEEDS, controller=FAST, schedule={"ramp_steps": 5})
+    morph = Morphogenesis(model, seeds=SEEDS, controller=FAST_CONTROLLER, schedule={"ramp_steps": 5})
     args = transformers.TrainingArguments(
         output_dir=str(out_dir),
         max_steps=steps,

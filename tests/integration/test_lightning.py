@@ -11,8 +11,8 @@ from torch import nn
 pl = pytest.importorskip("lightning.pytorch")
 
 from morpho_dist.integrations.lightning import MorphogenesisCallback  # noqa: E402
+from tests.fast_growth import FAST_CONTROLLER  # noqa: E402
 
-FAST = {"interval": 5, "min_training_steps": 5, "stabilization_steps": 5, "fine_tuning_steps": 10, "patience_k": 1}
 X = torch.randn(256, 16, generator=torch.Generator().manual_seed(5))
 Y = X[:, :4].argmax(1)
 
@@ -58,7 +58,7 @@ def test_lightning_callback_grows_the_module(tmp_path):
     module = Classifier()
     grow = MorphogenesisCallback(
         seeds={"targets": ["net.0"], "per_layer": 2, "kind": "diagonal"},
-        controller=FAST,
+        controller=FAST_CONTROLLER,
         schedule={"ramp_steps": 5},
         evaluate=val_loss,
     )
@@ -76,7 +76,7 @@ def test_lightning_callback_grows_the_module(tmp_path):
     torch.manual_seed(1)
     again = MorphogenesisCallback(
         seeds={"targets": ["net.0"], "per_layer": 2, "kind": "diagonal"},
-        controller=FAST,
+        controller=FAST_CONTROLLER,
         schedule={"ramp_steps": 5},
         evaluate=val_loss,
     )

@@ -20,6 +20,7 @@ from morpho_dist.export_modules import FossilizedOutput
 from morpho_dist.grown import ADAPTER_FILE, WEIGHTS_FILE
 from morpho_dist.lifecycle import BLENDED_STAGES, Stage
 from morpho_dist.wrap import seeded_layers, wrap
+from tests.fast_growth import FAST_CONTROLLER, rule_tokens
 
 transformers = pytest.importorskip("transformers")
 
@@ -273,9 +274,6 @@ def end_growth(model, step: int) -> None:
                 commands.cull(layer, layer.seed_offset + i, step)
 
 
-FAST = {"interval": 5, "min_training_steps": 5, "stabilization_steps": 5, "fine_tuning_steps": 10, "patience_k": 1}
-
-
 @pytest.mark.parametrize("kind", ["diagonal", "lowrank"])
 def test_engine_grown_convnet_saves_and_loads(kind, tmp_path):
     """The user's path end to end: Morphogenesis in a plain loop grows the convnet, save_grown, a fresh ConvNet,
@@ -287,7 +285,7 @@ def test_engine_grown_convnet_saves_and_loads(kind, tmp_path):
     model = ConvNet()
     seeds = {"targets": ["conv2", "fc"], "per_layer": 2, "kind": kind, "rank": 4, "blend": "additive"}
     morph = morpho_dist.Morphogenesis(
-        model, seeds=seeds, controller=FAST, schedule={"ramp_steps": 5}, kernel={"backend": "reference"}
+        model, seeds=seeds, controller=FAST_CONTROLLER, schedule={"ramp_steps": 5}, kernel={"backend": "reference"}
     )
     opt = torch.optim.AdamW(morph.host_parameters(), lr=1e-2)
     x = torch.randn(64, 3, 8, 8, generator=torch.Generator().manual_seed(1))
@@ -324,12 +322,8 @@ def test_engine_grown_convnet_saves_and_loads(kind, tmp_path):
         assert adapters
 
 
-def _rule_tokens(step: int, rows: int = 16, seq: int = 16, vocab: int = 64):
-    """Sequences with a rule to learn, x[t+1] = (3 x[t] + 1) mod vocab, from a random start."""
-    tokens = [torch.randint(0, vocab, (rows, 1), generator=torch.Generator().manual_seed(step))]
-    for _ in range(seq - 1):
-        tokens.append((tokens[-1] * 3 + 1) % vocab)
-    return torch.cat(tokens, 1)
+def _rule_tokens(step: int):
+    return rule_tokens(16, 16, 64, torch.Generator().manual_seed(step))
 
 
 @pytest.mark.parametrize("name,kind", [("llama", "lowrank"), ("gpt2", "diagonal")])
@@ -339,7 +333,7 @@ def test_engine_grown_transformers_model_round_trip(name, kind, tmp_path):
     torch.manual_seed(0)
     model = llama() if name == "llama" else gpt2()
     seeds = {"targets": ["mlp.up_proj" if name == "llama" else "mlp.c_fc"], "per_layer": 2, "kind": kind, "rank": 8}
-    morph = morpho_dist.Morphogenesis(model, seeds=seeds, controller=FAST, schedule={"ramp_steps": 5})
+    morph = morpho_dist.Morphogenesis(model, seeds=seeds, controller=FAST_CONTROLLER, schedule={"ramp_steps": 5})
     opt = torch.optim.AdamW(morph.host_parameters(), lr=3e-3)
     val_ids = _rule_tokens(-1)
 

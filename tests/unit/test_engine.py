@@ -19,15 +19,20 @@ from morpho_dist.controller import ControllerConfig
 from morpho_dist.lifecycle import Stage
 from morpho_dist.logging import make_run_log
 from morpho_dist.reliability import DivergenceError
+from tests.fast_growth import FAST_CONTROLLER
 
-FAST = {"interval": 5, "min_training_steps": 5, "stabilization_steps": 5, "fine_tuning_steps": 10, "patience_k": 1}
 SEEDS = {"targets": ["0"], "per_layer": 2, "kind": "diagonal"}
 
 
 def make(seed: int = 0, **kw):
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
-    args = {"seeds": SEEDS, "controller": FAST, "schedule": {"ramp_steps": 5}, "kernel": {"backend": "reference"}}
+    args = {
+        "seeds": SEEDS,
+        "controller": FAST_CONTROLLER,
+        "schedule": {"ramp_steps": 5},
+        "kernel": {"backend": "reference"},
+    }
     args.update(kw)
     morph = morpho_dist.Morphogenesis(model, **args)
     return model, morph, torch.optim.AdamW(morph.host_parameters(), lr=1e-2)
