@@ -17,6 +17,16 @@ LEGAL = {
     "ROLLED_BACK": set(),
 }
 
+# DESIGN.md section 2, "Stage -> what the op does": x passes through untouched; the blueprint output is blended
+# in; blueprint parameters get gradients (TRAINING: incubator or reconstruction).
+IDLE = {"DORMANT", "GERMINATED", "CULLED", "CANCELLED", "ROLLED_BACK"}
+BLENDED = {"GRAFTING", "STABILIZATION", "EVALUATING", "FINE_TUNING", "FOSSILIZED"}
+TRAINABLE = {"TRAINING", "GRAFTING", "FINE_TUNING"}
+# Section 3: the stages no command leaves, and the seeds that count against the budget of active seeds (from
+# germination until a seed is fossilized, culled, cancelled or rolled back).
+TERMINAL = {"FOSSILIZED", "ROLLED_BACK"}
+ACTIVE = {"GERMINATED", "TRAINING", "GRAFTING", "STABILIZATION", "EVALUATING", "FINE_TUNING"}
+
 # The main path: the stage ``advance`` moves a seed to (no entry: advance is refused there).
 ADVANCE = {
     "GERMINATED": "TRAINING",

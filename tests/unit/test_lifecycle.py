@@ -7,8 +7,13 @@ from morpho_dist.blends import Blend
 from morpho_dist.blueprints import init_generator_seed
 from morpho_dist.layer import SeededLayer
 from morpho_dist.lifecycle import (
+    ACTIVE_STAGES,
+    BLENDED_STAGES,
+    IDLE_STAGES,
     LEGAL_TRANSITIONS,
     NUM_STAGES,
+    TERMINAL_STAGES,
+    TRAINABLE_STAGES,
     IllegalTransition,
     SeedState,
     Stage,
@@ -16,6 +21,7 @@ from morpho_dist.lifecycle import (
     count_stages,
     is_legal,
 )
+from tests import expected
 from tests.expected import LEGAL
 
 # DESIGN.md section 2, "Ids (stable; tests outside the project use them)".
@@ -44,6 +50,27 @@ def test_stage_ids_match_design():
 def test_transition_table_matches_design():
     got = {src.name: {dst.name for dst in dsts} for src, dsts in LEGAL_TRANSITIONS.items()}
     assert got == EXPECTED_TABLE
+
+
+def test_stage_sets_match_design():
+    # the op, the kernels and their tests read these sets: pinned here to hand-written ones (tests/expected.py)
+    got = {
+        "idle": IDLE_STAGES,
+        "blended": BLENDED_STAGES,
+        "trainable": TRAINABLE_STAGES,
+        "terminal": TERMINAL_STAGES,
+        "active": ACTIVE_STAGES,
+    }
+    want = {
+        "idle": expected.IDLE,
+        "blended": expected.BLENDED,
+        "trainable": expected.TRAINABLE,
+        "terminal": expected.TERMINAL,
+        "active": expected.ACTIVE,
+    }
+    assert {k: {s.name for s in v} for k, v in got.items()} == want
+    terminal = {src for src, dsts in EXPECTED_TABLE.items() if not dsts}
+    assert terminal == expected.TERMINAL  # the hand-written sets agree with the hand-written table too
 
 
 @pytest.mark.parametrize("src", list(Stage))
