@@ -6,7 +6,8 @@ blends, DORMANT ones. Compared: y, rec_loss, the input gradient, every parameter
 host) and the telemetry buffers. A lifecycle move between steps changes buffer values only: no recompile.
 
 On the CPU: Dynamo + AOTAutograd (``aot_eager``) for the reference backend, and for the Triton backend in
-Triton's interpreter (TRITON_INTERPRET=1). On a GPU machine (``TRITON_INTERPRET=0 pytest -m gpu``) the default
+Triton's interpreter (TRITON_INTERPRET=1); inductor (C++ for the host's math) around the Triton custom ops where a
+C++ compiler is present. On a GPU machine (``TRITON_INTERPRET=0 pytest -m gpu``) the default
 inductor backend compiles the model around the Triton custom ops.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 from types import SimpleNamespace
 
 import pytest
@@ -147,6 +149,18 @@ def test_compiled_model_matches_eager_cuda_inductor(backend):
     check_compiled_matches_eager(backend, "cuda", "inductor", atol=1e-4, rtol=1e-4)
 
 
+CXX = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not INTERPRET, reason="CPU kernels need TRITON_INTERPRET=1")
+@pytest.mark.skipif(CXX is None, reason="inductor's CPU backend needs a C++ compiler")
+def test_compiled_model_matches_eager_cpu_inductor():
+    """The GPU test's inductor compile, on the CPU: inductor generates C++ for the host's math around the Triton
+    custom ops (run in the interpreter). About a minute of compiling on 2 cores."""
+    check_compiled_matches_eager("triton", "cpu", "inductor", atol=1e-4, rtol=1e-4)
+
+
 def check_lifecycle_moves_do_not_recompile(backend: str, device: str, compile_backend: str) -> None:
     """From every seed DORMANT (the layers known idle) through germination, TRAINING and GRAFTING: the compiled
     model is compiled once; the idle promise is an eager-only shortcut, so no move changes what was traced."""
@@ -182,6 +196,12 @@ def test_lifecycle_moves_do_not_recompile_cpu():
 @pytest.mark.skipif(INTERPRET, reason="native GPU run needs TRITON_INTERPRET=0")
 def test_lifecycle_moves_do_not_recompile_cuda_inductor():
     check_lifecycle_moves_do_not_recompile("triton", "cuda", "inductor")
+
+
+@pytest.mark.skipif(not INTERPRET, reason="CPU kernels need TRITON_INTERPRET=1")
+@pytest.mark.skipif(CXX is None, reason="inductor's CPU backend needs a C++ compiler")
+def test_lifecycle_moves_do_not_recompile_cpu_inductor():
+    check_lifecycle_moves_do_not_recompile("triton", "cpu", "inductor")
 
 
 class _Counting:
