@@ -13,10 +13,11 @@ on the interpreter records every Triton launch; replay() runs them again and wri
 capture produced. The capture runs the operations once to learn their outputs and then restores every tensor it
 wrote, so that, as on a device, a capture changes no state. ``empty`` allocations come back NaN-filled at each
 replay (device memory reused by a graph holds old values, never zeros by luck). A host read of a tensor value
-(``.item()``, ``bool(t)``, ``torch.equal``) inside the capture raises HostReadInCapture.
+(``.item()``, ``bool(t)``, ``torch.equal``, ``.tolist()``, ``.numpy()``) inside the capture raises
+HostReadInCapture.
 
-Not emulated: concurrency between streams, the caching allocator's pools, host reads that bypass the dispatcher
-(``.tolist()`` of a CPU tensor reads its memory directly).
+Not emulated: concurrency between streams, the caching allocator's pools, host reads through the raw memory
+(``data_ptr()``, the buffer protocol).
 """
 
 from __future__ import annotations
@@ -98,6 +99,18 @@ class _Capture(TorchDispatchMode):
 
 
 _ACTIVE: list[_Capture] = []
+_LAUNCHING: list[bool] = []  # inside a Triton launch: the interpreter reads its arguments on the host, as it must
+
+
+def _refusing_host_copy(original):
+    """``Tensor.tolist`` / ``numpy``: host reads that do not pass the dispatcher for a CPU tensor."""
+
+    def read(self, *args, **kwargs):
+        if _ACTIVE and not _LAUNCHING:
+            raise HostReadInCapture(f"Tensor.{original.__name__}() reads a tensor on the host inside a graph capture")
+        return original(self, *args, **kwargs)
+
+    return read
 
 
 def _recording_run(original):
@@ -110,7 +123,11 @@ def _recording_run(original):
         # neither the copies kept here nor the interpreter's own tensor copies are the step's operations
         with _disable_current_modes():
             capture.save(list(args) + list(kwargs.values()))  # a kernel writes its tensor arguments in place
-            return launch()
+            _LAUNCHING.append(True)
+            try:
+                return launch()
+            finally:
+                _LAUNCHING.pop()
 
     return run
 
@@ -145,3 +162,5 @@ def cpu_graphs(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", is_capturing)
     monkeypatch.setattr(InterpretedFunction, "run", _recording_run(InterpretedFunction.run))
+    for name in ("tolist", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, _refusing_host_copy(getattr(torch.Tensor, name)))

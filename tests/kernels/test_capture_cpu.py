@@ -161,7 +161,11 @@ def test_a_stale_graph_replayed_after_the_promise_changed_is_nan(monkeypatch):
     assert torch.isnan(model.fc2.original.weight).all()  # AdamW stepped on NaN gradients
 
 
-def test_a_host_read_inside_the_captured_step_is_refused(monkeypatch):
+HOST_READS = [lambda t: bool(torch.isfinite(t)), lambda t: t.tolist(), lambda t: t.item()]
+
+
+@pytest.mark.parametrize("read", HOST_READS, ids=["bool", "tolist", "item"])
+def test_a_host_read_inside_the_captured_step_is_refused(monkeypatch, read):
     """The emulated capture refuses what a CUDA capture refuses, a step that reads a device value on the host: the
     captured steps above made none (on a GPU, ``torch.cuda.set_sync_debug_mode("error")`` holds them to that)."""
     cpu_graphs(monkeypatch)
@@ -169,11 +173,11 @@ def test_a_host_read_inside_the_captured_step_is_refused(monkeypatch):
 
     def syncing(x, target):
         loss = step(x, target)
-        assert bool(torch.isfinite(loss))  # a host read of the loss
+        read(loss)
         return loss
 
     captured = CapturedStep(syncing, layers, warmup=1)
     x = torch.randn(ROWS, HIDDEN)
-    captured(x, x)
+    captured(x, x)  # eager: reads are allowed
     with pytest.raises(HostReadInCapture, match="inside a graph capture"):
         captured(x, x)
