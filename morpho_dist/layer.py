@@ -94,25 +94,32 @@ class SeededLayer(nn.Module):
 
     # ---- forward ---------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        all_idle = self.known_idle()
-        y, rec_loss = self._calls(
-            x,
-            self.stage,
-            self.blend,
-            self.alpha,
-            self.bank.p0,
-            self.bank.p1,
-            self.telemetry if self.training else None,
-            kind=self.kind,
-            act=self.act,
-            dead_eps=self.dead_eps,
-            backend=self.backend,
-            options=self.kernel,
-            all_idle=all_idle,
+        # Once a step per layer: the state tensors straight from the module's registries (nn.Module.__getattr__
+        # costs about a microsecond a name), falling back to attribute access where they are not registered there
+        # (a parametrized bank, a buffer replaced by a plain attribute).
+        try:
+            buffers, bank = self._buffers, self._modules["bank"]._parameters
+            stage, blend, alpha, p0, p1 = buffers["stage"], buffers["blend"], buffers["alpha"], bank["p0"], bank["p1"]
+            telemetry = buffers["telemetry"] if self.training else None
+        except KeyError:
+            stage, blend, alpha, p0, p1 = self.stage, self.blend, self.alpha, self.bank.p0, self.bank.p1
+            telemetry = self.telemetry if self.training else None
+        # known_idle(), inline
+        record = self._idle_record
+        all_idle = (
+            record is not None
+            and record[0] is stage
+            and stage._version == record[1]
+            and not torch.compiler.is_compiling()
         )
+        y, rec_loss = self._calls(
+            x, stage, blend, alpha, p0, p1, telemetry, self.kind, self.act, self.dead_eps, self.backend, self.kernel,
+            all_idle,
+        )  # fmt: skip
         # plain attributes (set in __init__): skip nn.Module.__setattr__'s registry lookups
-        self.__dict__["rec_loss"] = rec_loss
-        self.__dict__["_rec_is_zero"] = all_idle  # no seed TRAINING: nothing reconstructs (with_rec_losses)
+        d = self.__dict__
+        d["rec_loss"] = rec_loss
+        d["_rec_is_zero"] = all_idle  # no seed TRAINING: nothing reconstructs (with_rec_losses)
         return y
 
     # ---- idle record -----------------------------------------------------------------------------------------

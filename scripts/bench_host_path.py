@@ -13,7 +13,8 @@ Layers: lowrank, 64 seeds of chunk 16, rank 16; one all DORMANT (idle record: kn
 one with a third of its seeds GRAFTING (two launches each way). Reported: median microseconds per call over
 ``--steps`` passes through a chain of ``--layers`` layers: per layer call, the forward, the backward (one
 ``y.backward(dy)`` through the whole chain, so the autograd engine's start is shared as in a training step) and
-their sum.
+their sum; and the function calls the interpreter makes per layer call (Python functions, and C functions called
+from Python, counted with sys.setprofile over one pass), which do not depend on the machine or its load.
 """
 
 from __future__ import annotations
@@ -70,14 +71,19 @@ def make_layer(third: bool) -> SeededLayer:
 
 def time_calls(layers: list[SeededLayer], steps: int, x: torch.Tensor | None = None) -> tuple[float, float]:
     """Median microseconds per layer call (forward, backward) of ``steps`` passes through the chain of layers: one
-    forward through all of them, then one backward (as in a training step: the autograd engine starts once).
-    ``x``: the chain's input (default 8 CPU rows); on a device, wall clock is host time while the kernels are
-    shorter than the host path (few rows)."""
+    forward through all of them, then one backward (as in a training step: the autograd engine starts once, and
+    the gradients were set to None before it, as optimizer.zero_grad() does, so the backward hands its gradient
+    buffers to .grad rather than adding them to the last step's). ``x``: the chain's input (default 8 CPU rows);
+    on a device, wall clock is host time while the kernels are shorter than the host path (few rows)."""
     if x is None:
         x = torch.randn(8, layers[0].hidden, requires_grad=True)
     dy = torch.randn_like(x)
+    params = [p for layer in layers for p in layer.parameters()]
     fwd, bwd = [], []
     for _ in range(steps):
+        x.grad = None
+        for p in params:
+            p.grad = None
         t0 = time.perf_counter()
         y = x
         for layer in layers:
@@ -92,6 +98,46 @@ def time_calls(layers: list[SeededLayer], steps: int, x: torch.Tensor | None = N
     return statistics.median(fwd[skip:]) * per_call, statistics.median(bwd[skip:]) * per_call
 
 
+def count_calls(layers: list[SeededLayer], x: torch.Tensor | None = None) -> dict[str, int]:
+    """Function calls per layer call over one pass through the chain (after a warm-up pass): Python functions
+    ("py") and C functions called from Python ("c"), forward and backward. The CPU backward runs on this thread."""
+    if x is None:
+        x = torch.randn(8, layers[0].hidden, requires_grad=True)
+    dy = torch.randn_like(x)
+    counts = {"py": 0, "c": 0}
+
+    def count(frame, event, arg) -> None:
+        if event == "call":
+            counts["py"] += 1
+        elif event == "c_call":
+            counts["c"] += 1
+
+    def chain() -> torch.Tensor:
+        y = x
+        for layer in layers:
+            y = layer(y)
+        return y
+
+    chain().backward(dy)  # warm-up: calls prepared
+    for p in [x, *(p for layer in layers for p in layer.parameters())]:
+        p.grad = None
+    sys.setprofile(count)
+    y = chain()
+    sys.setprofile(None)
+    fwd = dict(counts)
+    counts.update(py=0, c=0)
+    sys.setprofile(count)
+    y.backward(dy)
+    sys.setprofile(None)
+    n = len(layers)
+    return {
+        "fwd_py_calls": round(fwd["py"] / n),
+        "fwd_c_calls": round(fwd["c"] / n),
+        "bwd_py_calls": round(counts["py"] / n),
+        "bwd_c_calls": round(counts["c"] / n),
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=16, help="layers in the chain")
@@ -104,9 +150,14 @@ def main(argv: list[str] | None = None) -> dict:
     for name, third in (("dormant", False), ("third", True)):
         layers = [make_layer(third) for _ in range(args.layers)]
         fwd, bwd = time_calls(layers, args.steps)
+        calls = count_calls(layers)
         idle = layers[0].known_idle()
-        rows[name] = {"known_idle": idle, "fwd_us": fwd, "bwd_us": bwd, "fwd_bwd_us": fwd + bwd}
-        print(f"{name:8s} known_idle={idle!s:5s} fwd {fwd:6.1f} us  bwd {bwd:6.1f} us  fwd+bwd {fwd + bwd:6.1f} us")
+        rows[name] = {"known_idle": idle, "fwd_us": fwd, "bwd_us": bwd, "fwd_bwd_us": fwd + bwd, **calls}
+        print(
+            f"{name:8s} known_idle={idle!s:5s} fwd {fwd:6.1f} us  bwd {bwd:6.1f} us  fwd+bwd {fwd + bwd:6.1f} us  "
+            f"calls per layer call: fwd {calls['fwd_py_calls']} py + {calls['fwd_c_calls']} c, "
+            f"bwd {calls['bwd_py_calls']} py + {calls['bwd_c_calls']} c"
+        )
     result = {
         "torch": torch.__version__,
         "python": sys.version.split()[0],

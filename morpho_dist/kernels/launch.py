@@ -296,15 +296,19 @@ def plan_forward(
     )  # fmt: skip
 
 
-def run_forward(fl: ForwardLaunch, x2, stage, blend, alpha, p0, p1, telemetry):
-    """Launch a planned forward on contiguous tensors (x2 may keep its leading dims); returns (y, rec_loss)."""
+def run_forward(fl: ForwardLaunch, x2, stage, blend, alpha, p0, p1, telemetry, scalar=None):
+    """Launch a planned forward on contiguous tensors (x2 may keep its leading dims); returns (y, rec_loss).
+    ``scalar``: a 0-d float32 tensor on x2's device whose metadata rec_loss copies (faster than torch.empty)."""
     y2 = torch.empty_like(x2)
     device = x2.device
     if fl.stats_splits:
         stats = torch.zeros(fl.stats_splits, fl.seeds, NUM_FIELDS, device=device)
     else:
         stats = x2 if telemetry is None else telemetry  # x2: an unused pointer
-    rec = (torch.zeros if fl.rec_zeros else torch.empty)(fl.rec_len if fl.det else (), device=device)
+    if fl.det or scalar is None:
+        rec = (torch.zeros if fl.rec_zeros else torch.empty)(fl.rec_len if fl.det else (), device=device)
+    else:
+        rec = (torch.zeros_like if fl.rec_zeros else torch.empty_like)(scalar)
     side = side_stream(device) if fl.overlap else None
     main = side.fork() if side is not None else None
     _columns_fwd_kernel[fl.cols_grid](
@@ -428,10 +432,16 @@ def run_backward(bl: BackwardLaunch, x2, dy2, drec, stage, blend, alpha, p0, p1,
     """Launch a planned backward on contiguous tensors; returns (dx, dp0, dp1)."""
     dx2 = torch.empty_like(dy2)
     device = x2.device
-    # Two buffers, not views of one: the custom ops (torch.compile) may not return outputs that alias each other.
-    alloc = torch.empty if bl.grad_alloc_empty else torch.zeros
-    g0 = alloc(*bl.grad_lead, *p0.shape, device=device)
-    g1 = alloc(*bl.grad_lead, *p1.shape, device=device)
+    # Two fp32 buffers, not views of one: the custom ops (torch.compile) may not return outputs that alias each
+    # other. p0 and p1 are contiguous: *_like gives contiguous buffers, faster than from a shape.
+    if bl.grad_lead:
+        alloc = torch.empty if bl.grad_alloc_empty else torch.zeros
+        g0 = alloc(*bl.grad_lead, *p0.shape, device=device, dtype=torch.float32)
+        g1 = alloc(*bl.grad_lead, *p1.shape, device=device, dtype=torch.float32)
+    else:
+        alloc = torch.empty_like if bl.grad_alloc_empty else torch.zeros_like
+        g0 = alloc(p0, dtype=torch.float32)
+        g1 = alloc(p1, dtype=torch.float32)
     if bl.stats_splits:
         stats = torch.zeros(bl.stats_splits, bl.seeds, NUM_FIELDS, device=device)
     else:

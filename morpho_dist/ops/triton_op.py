@@ -159,15 +159,22 @@ class PreparedCall:
     options (morpho_dist.ops.prepared validates the call before it makes one): the forward and backward launch
     plans. Calling it launches the kernels with no further checks or planning."""
 
-    __slots__ = ("fwd", "bwd", "all_idle")
+    __slots__ = ("fwd", "bwd", "all_idle", "scalar")
 
-    def __init__(self, fwd: launch.ForwardLaunch, bwd: launch.BackwardLaunch, all_idle: bool) -> None:
+    def __init__(self, fwd: launch.ForwardLaunch, bwd: launch.BackwardLaunch, all_idle: bool, device) -> None:
         self.fwd, self.bwd, self.all_idle = fwd, bwd, all_idle
+        # A 0-d float32 tensor on the device, never read: the template of rec_loss and of a zero rec gradient
+        # (torch.empty_like from a template is about twice as fast as torch.empty from a shape and a device).
+        self.scalar = torch.empty((), device=device)
 
     def __call__(self, x, stage, blend, alpha, p0, p1, telemetry):
         if not x.is_contiguous():
             x = x.contiguous()
-        return _PreparedFunction.apply(x, stage, blend, alpha, p0, p1, telemetry, self)
+        if _functorch_transforms_active():  # torch.func transforms: autograd.Function.apply's own handling
+            return _PreparedFunction.apply(x, stage, blend, alpha, p0, p1, telemetry, self)
+        # What autograd.Function.apply does outside functorch transforms, without its Python layer: x may be a
+        # wrapper escaped from a finished transform (the state tensors are the layer's own), then the C apply.
+        return _apply_prepared(_unwrap_if_dead(x), stage, blend, alpha, p0, p1, telemetry, self)
 
 
 def prepare_triton(x, stage, p0, telemetry, *, kind, act, dead_eps, all_idle, opts: KernelOptions) -> PreparedCall:
@@ -184,7 +191,7 @@ def prepare_triton(x, stage, p0, telemetry, *, kind, act, dead_eps, all_idle, op
     bwd = launch.plan_backward(
         kind, rows, hidden, seeds, tuple(p0.shape), act, x.element_size(), x.device, has_stats, bool(all_idle), opts
     )
-    return PreparedCall(fwd, bwd, bool(all_idle))
+    return PreparedCall(fwd, bwd, bool(all_idle), x.device)
 
 
 class _PreparedFunction(torch.autograd.Function):
@@ -192,7 +199,7 @@ class _PreparedFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, stage, blend, alpha, p0, p1, telemetry, call: PreparedCall):
-        y, rec_loss = launch.run_forward(call.fwd, x, stage, blend, alpha, p0, p1, telemetry)
+        y, rec_loss = launch.run_forward(call.fwd, x, stage, blend, alpha, p0, p1, telemetry, call.scalar)
         # An unused rec_loss (an idle layer's, which with_rec_losses leaves out) gets no zero-filled gradient
         ctx.set_materialize_grads(False)
         ctx.save_for_backward(x, stage, blend, alpha, p0, p1)
@@ -213,6 +220,11 @@ class _PreparedFunction(torch.autograd.Function):
         elif call.all_idle:  # no seed reconstructs: the kernels never use drec, any fp32 tensor will do
             drec = alpha
         else:
-            drec = torch.zeros((), device=x.device)
+            drec = torch.zeros_like(call.scalar)
         dx, dp0, dp1 = launch.run_backward(call.bwd, x, dy, drec, stage, blend, alpha, p0, p1, ctx.telemetry)
         return dx, None, None, None, dp0, dp1, None, None
+
+
+_functorch_transforms_active = torch._C._are_functorch_transforms_active
+_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+_apply_prepared = super(torch.autograd.Function, _PreparedFunction).apply  # torch._C._FunctionBase.apply

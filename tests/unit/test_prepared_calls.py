@@ -139,7 +139,7 @@ def test_calls_under_the_reference_backend_are_not_prepared(monkeypatch):
     layer = SeededLayer(64, 4, rank=4, backend="reference")
     layer(torch.randn(3, 64))
     (entry,) = layer._calls._entries.values()
-    assert entry[0] is None  # no prepared form: every call goes through ops.seeded
+    assert entry.call is None  # no prepared form: every call goes through ops.seeded
     assert isinstance(layer._calls, prepared.SeededCalls)
 
 
@@ -156,3 +156,45 @@ def test_a_backward_without_the_rec_loss_matches_a_zero_rec_gradient(live, devic
     xb = x.clone().requires_grad_()
     (torch.sum(layer(xb) * dy) + 0.0 * layer.rec_loss).backward()
     assert torch.equal(xa.grad, xb.grad)
+
+
+@needs_interpreter
+def test_a_replaced_option_or_state_tensor_is_checked_again(monkeypatch):
+    """The latest kind of call is matched field by field: a new configuration object or a state tensor put in
+    place by assignment makes the next call checked (and planned) again, with what the layer holds now."""
+    checks = count_checks(monkeypatch)
+    layer = make_layer(live=False)
+    x = torch.randn(4, 64)
+    layer(x)
+    layer.kernel = KernelOptions(block_rows=16)
+    layer(x)
+    layer.act = "gelu_tanh"
+    layer(x)
+    assert len(checks) == 3
+    layer.alpha = torch.zeros(5)  # a registered buffer replaced: the new one is checked
+    with pytest.raises(ValueError, match=r"alpha must have shape \[N\]=\[4\] like stage, got \(5,\)"):
+        layer(x)
+    layer.alpha = torch.zeros(4)
+    layer(x)
+    assert len(checks) == 5
+
+
+@needs_interpreter
+def test_a_parametrized_bank_gives_its_computed_parameter_to_the_op():
+    """Where the bank's parameter is not in its registry (torch.nn.utils.parametrize), the layer reads it by
+    attribute: the op sees the parametrization's value, not a stale tensor."""
+    from torch.nn.utils import parametrize
+
+    class Doubled(torch.nn.Module):
+        def forward(self, p):
+            return 2.0 * p
+
+    layer = make_layer(live=True)
+    x = torch.randn(5, 64)
+    want = seeded(
+        x, layer.stage, layer.blend, layer.alpha, layer.bank.p0, 2.0 * layer.bank.p1.detach(), None, kind="lowrank",
+        backend="triton", options=layer.kernel,
+    )[0]  # fmt: skip
+    parametrize.register_parametrization(layer.bank, "p1", Doubled())
+    layer.eval()
+    assert torch.equal(layer(x), want)
