@@ -10,7 +10,9 @@ Triton's interpreter; the launch cost of the real kernels (Triton's launcher, on
 measured on the device by scripts/bench_step.py's per-call rows.
 
 Layers: lowrank, 64 seeds of chunk 16, rank 16; one all DORMANT (idle record: known idle, one launch each way),
-one with a third of its seeds GRAFTING (two launches each way). Reported: median microseconds per call over
+one with a third of its seeds GRAFTING (two launches each way); and "bare", a module over the same tensors whose
+forward is one autograd.Function call with the same inputs, saved tensors and outputs and nothing else: what torch
+itself costs for such a call, under which no seeded layer can go. Reported: median microseconds per call over
 ``--steps`` passes through a chain of ``--layers`` layers: per layer call, the forward, the backward (one
 ``y.backward(dy)`` through the whole chain, so the autograd engine's start is shared as in a training step) and
 their sum; and the function calls the interpreter makes per layer call (Python functions, and C functions called
@@ -67,6 +69,40 @@ def make_layer(third: bool) -> SeededLayer:
         for stage in (Stage.TRAINING, Stage.GRAFTING):
             layer.apply_stage_changes([(i, stage) for i in live], step=0)
     return layer
+
+
+class _BareFunction(torch.autograd.Function):
+    """The least a seeded call can cost in torch: the same inputs, saved tensors and allocated outputs as the
+    layer's autograd Function, and nothing else (no checks, no plans, no launches)."""
+
+    @staticmethod
+    def forward(ctx, x, stage, blend, alpha, p0, p1, telemetry, scalar):
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(x, stage, blend, alpha, p0, p1)
+        ctx.telemetry = telemetry
+        return torch.empty_like(x), torch.empty_like(scalar)
+
+    @staticmethod
+    def backward(ctx, dy, drec):
+        x, stage, blend, alpha, p0, p1 = ctx.saved_tensors
+        return torch.empty_like(dy), None, None, None, torch.empty_like(p0), torch.empty_like(p1), None, None
+
+
+_bare_apply = super(torch.autograd.Function, _BareFunction).apply  # the C apply, as the layer's prepared calls
+
+
+class BareLayer(torch.nn.Module):
+    """A module over a SeededLayer's tensors (held as they are, no lookups) whose forward is one _BareFunction
+    call: the reference row "bare"."""
+
+    def __init__(self, layer: SeededLayer) -> None:
+        super().__init__()
+        self.hidden, self.seeded = layer.hidden, layer
+        state = (layer.stage, layer.blend, layer.alpha, layer.bank.p0, layer.bank.p1, layer.telemetry)
+        self.__dict__["_state"] = (*state, torch.empty(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _bare_apply(x, *self._state)[0]
 
 
 def time_calls(layers: list[SeededLayer], steps: int, x: torch.Tensor | None = None) -> tuple[float, float]:
@@ -147,11 +183,13 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1)
     stubs = stub_launches()
     rows = {}
-    for name, third in (("dormant", False), ("third", True)):
+    for name, third in (("dormant", False), ("third", True), ("bare", False)):
         layers = [make_layer(third) for _ in range(args.layers)]
+        if name == "bare":
+            layers = [BareLayer(layer) for layer in layers]
         fwd, bwd = time_calls(layers, args.steps)
         calls = count_calls(layers)
-        idle = layers[0].known_idle()
+        idle = name != "bare" and layers[0].known_idle()
         rows[name] = {"known_idle": idle, "fwd_us": fwd, "bwd_us": bwd, "fwd_bwd_us": fwd + bwd, **calls}
         print(
             f"{name:8s} known_idle={idle!s:5s} fwd {fwd:6.1f} us  bwd {bwd:6.1f} us  fwd+bwd {fwd + bwd:6.1f} us  "
