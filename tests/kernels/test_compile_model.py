@@ -155,10 +155,12 @@ CXX = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
 @pytest.mark.slow
 @pytest.mark.skipif(not INTERPRET, reason="CPU kernels need TRITON_INTERPRET=1")
 @pytest.mark.skipif(CXX is None, reason="inductor's CPU backend needs a C++ compiler")
-def test_compiled_model_matches_eager_cpu_inductor():
-    """The GPU test's inductor compile, on the CPU: inductor generates C++ for the host's math around the Triton
-    custom ops (run in the interpreter). About a minute of compiling on 2 cores."""
-    check_compiled_matches_eager("triton", "cpu", "inductor", atol=1e-4, rtol=1e-4)
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_compiled_model_matches_eager_cpu_inductor(backend):
+    """The GPU test's inductor compile, on the CPU (torch.compile's default there too): inductor generates C++ for
+    the host's math around the Triton custom ops (run in the interpreter), or for the reference op's math as well.
+    About a minute of compiling each on 2 cores."""
+    check_compiled_matches_eager(backend, "cpu", "inductor", atol=1e-4, rtol=1e-4)
 
 
 def check_lifecycle_moves_do_not_recompile(backend: str, device: str, compile_backend: str) -> None:
