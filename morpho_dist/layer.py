@@ -104,13 +104,13 @@ class SeededLayer(nn.Module):
         except KeyError:
             stage, blend, alpha, p0, p1 = self.stage, self.blend, self.alpha, self.bank.p0, self.bank.p1
             telemetry = self.telemetry if self.training else None
-        # known_idle(), inline
+        # known_idle(), inline; under torch.compile first: Dynamo cannot trace a read of the version counter
         record = self._idle_record
         all_idle = (
-            record is not None
+            not torch.compiler.is_compiling()
+            and record is not None
             and record[0] is stage
             and stage._version == record[1]
-            and not torch.compiler.is_compiling()
         )
         y, rec_loss = self._calls(
             x, stage, blend, alpha, p0, p1, telemetry, self.kind, self.act, self.dead_eps, self.backend, self.kernel,
