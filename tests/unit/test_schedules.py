@@ -222,3 +222,50 @@ def test_step_clamps_alpha_to_the_unit_interval():
     layer.alpha.copy_(torch.tensor([0.1, 0.0, 1.0, 0.5]))
     sch.step_(layer)
     assert layer.alpha.tolist() == pytest.approx([0.0, 0.0, 1.0, 1.0])
+
+
+def test_documented_defaults_ramp_in_50_steps_and_cap_the_rate_at_twice_the_base():
+    """README: ramp_steps defaults to 50; performance_linked clamps a seed's rate factor to [0, 2] by default."""
+    assert make_schedule(None).base_rate == pytest.approx(1 / 50)
+    sch = make_schedule(ScheduleConfig(name="performance_linked"))
+    layer = make_layer()
+    layer.stage.fill_(int(Stage.GRAFTING))
+    sch.on_interval(layer, report({0: -9.0, 1: -1.0, 2: -1.0, 3: -1.0}, layer), HostSignals())  # mean |b| 3
+    assert layer.alpha_rate.tolist() == pytest.approx([2.0 / 50, 1 / 150, 1 / 150, 1 / 150])  # factor 3 capped at 2
+    sch.on_interval(layer, report({0: -7.0, 1: -1.0}, layer), HostSignals())  # mean |b| 2 (with two 0s): 3.5 -> 2
+    assert layer.alpha_rate[0].item() == pytest.approx(2.0 / 50)
+    sch.on_interval(layer, report({0: -3.5, 1: -0.5, 2: -2.0, 3: -2.0}, layer), HostSignals())  # mean |b| 2
+    assert layer.alpha_rate.tolist() == pytest.approx([1.75 / 50, 0.25 / 50, 1 / 50, 1 / 50])  # under the cap
+
+
+def test_factor_and_band_bounds_may_be_equal_but_not_crossed_or_negative():
+    """min_factor == max_factor (a fixed factor) and grad_lo == grad_hi (a one-point band) are allowed."""
+    fixed = make_schedule(ScheduleConfig(name="performance_linked", ramp_steps=10, min_factor=1.0, max_factor=1.0))
+    layer = make_layer()
+    fixed.on_interval(layer, report({0: -5.0, 3: 1.0}, layer), HostSignals())
+    assert layer.alpha_rate[0].item() == pytest.approx(0.1) and layer.alpha_rate[3].item() == pytest.approx(0.1)
+    point = make_schedule(ScheduleConfig(name="grad_norm_gated", ramp_steps=4, grad_lo=1.0, grad_hi=1.0))
+    point.on_interval(layer, report({}, layer), HostSignals(grad_norm=1.0))
+    assert layer.alpha_rate[0].item() == pytest.approx(0.25)
+    with pytest.raises(ValueError, match="min_factor"):
+        make_schedule(ScheduleConfig(name="performance_linked", min_factor=-0.5, max_factor=1.0))
+    with pytest.raises(ValueError, match="min_factor"):
+        make_schedule(ScheduleConfig(name="performance_linked", min_factor=1.5, max_factor=1.0))
+
+
+def test_on_interval_ignores_seeds_of_the_next_shard():
+    """A report seed whose global index is just past this shard (offset + num_seeds) is another shard's."""
+    layer = make_layer()
+    sch = make_schedule(ScheduleConfig(name="drift_controlled", ramp_steps=10))
+    rep = report({}, layer)
+    rep.seeds.append(replace(rep.seeds[0], seed=4))  # the first seed of the next shard
+    sch.on_interval(layer, rep, HostSignals())
+    assert layer.alpha_rate.tolist() == pytest.approx([0.1, 0.0, 0.0, 0.1])
+
+
+def test_host_signals_are_immutable():
+    """One HostSignals is shared by every layer's schedule in an interval; none may change it for the others."""
+    import dataclasses
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        HostSignals().grad_norm = 1.0
