@@ -41,11 +41,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # module (under morpho_dist/) -> the fast unit tests that must kill its mutants
 MODULES = {
     "lifecycle": ["tests/unit/test_lifecycle.py", "tests/unit/test_commands.py"],
-    "schedules": ["tests/unit/test_schedules.py"],
+    "schedules": ["tests/unit/test_schedules.py", "tests/unit/test_config_defaults.py"],
     "optim": ["tests/unit/test_optim.py"],
-    "controller": ["tests/unit/test_controller.py"],
+    "controller": ["tests/unit/test_controller.py", "tests/unit/test_config_defaults.py"],
     "checkpoint": ["tests/unit/test_checkpoint_unit.py"],
-    "reliability": ["tests/unit/test_divergence.py", "tests/unit/test_seed_guard.py"],
+    "resume": ["tests/unit/test_resume.py", "tests/unit/test_checkpoint_unit.py"],
+    "reliability": ["tests/unit/test_divergence.py", "tests/unit/test_seed_guard.py", "tests/unit/test_desync.py"],
     "ops/reference": ["tests/unit/test_reference.py", "tests/unit/test_blend_formulas.py"],
 }
 

@@ -143,3 +143,34 @@ def test_state_round_trip_and_reshuffled_replay():
     assert again.batch_seed(7) == again.batch_seed(7) and len(seeds) == 4  # a new order after each restore
     again.rollbacks = 0
     assert again.batch_seed(7) == 7  # the run's own order until the first restore
+
+
+def test_defaults_of_a_config_without_floor_or_sigmas_and_of_a_fresh_state():
+    """Without divergence_floor / divergence_sigmas the threshold is factor x the recent mean alone; a fresh
+    monitor (or one loaded from an empty state) has no good step and no rollback, and draws the run's order."""
+    mon = DivergenceMonitor(SimpleNamespace(divergence_factor=3.0, window=4, max_rollbacks=3))
+    assert (mon.floor, mon.sigmas, mon.last_good_step, mon.rollbacks) == (0.0, 0.0, 0, 0)
+    feed(mon, [2.0, 0.5, 1.5])
+    assert mon.threshold() == pytest.approx(3.0 * (2.0 + 0.5 + 1.5) / 3)
+    again = monitor()
+    again.load_state_dict({})
+    assert (again.recent, again.start, again.last_good_step, again.rollbacks) == ([], None, 0, 0)
+    again.rollbacks = 2
+    assert isinstance(again.batch_seed(7), int) and again.batch_seed(7) != 7
+
+
+def test_reasons_count_the_non_finite_steps_and_one_finite_step_is_enough():
+    assert monitor().check(10, values(math.inf), 0).startswith("host loss non-finite at every step")  # no window yet
+    mon = monitor()
+    feed(mon, [2.3, 1.0])
+    limit = mon.threshold()
+    assert mon.check(25, values(limit, ok_steps=1, steps=1), 0) is None  # at the threshold: not above it
+    mon = monitor()
+    feed(mon, [2.3, 1.0])
+    reason = mon.check(26, values(100.0), 0)
+    assert "10 x the recent mean 1.65," in reason and "0.5 x the first interval's mean" in reason
+    assert mon.check(30, values(1.0, ok_steps=1), seed_faults=1) is None  # 9 culled-seed steps, one finite
+    reason = mon.check(40, values(1.0, ok_steps=7), 0)
+    assert reason.startswith("host loss non-finite at 3 step(s) of the interval (no")
+    reason = mon.check(50, values(1.0, ok_steps=8, applied_bad=2), 0)
+    assert reason.startswith("host loss non-finite at 2 step(s) of the interval ending at step 50, applied")
