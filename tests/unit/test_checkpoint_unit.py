@@ -284,3 +284,82 @@ def test_run_dir_in_use_only_while_a_process_holds_the_lock(tmp_path):
     with resume.run_dir_lock(str(tmp_path), is_main=True):
         assert resume.run_dir_in_use(str(tmp_path))
     assert not resume.run_dir_in_use(str(tmp_path))  # released (the emptied file stays)
+
+
+# ---- a whole training state: seeds, both optimizers, controller, previous host snapshot, rng -----------------------
+def _training_state(fill: float, dp: int = 1, dp_rank: int = 0) -> dict:
+    """A seeded layer (seed 0 TRAINING) beside a host Linear, AdamW on the host and the seed optimizer, each
+    having stepped once when ``fill`` is not 0, a controller with a streak, and a previous host snapshot."""
+    from morpho_dist.commands import advance, germinate
+    from morpho_dist.controller import Controller
+    from morpho_dist.layer import SeededLayer
+    from morpho_dist.optim import Optimizers, SeedOptimizer
+
+    torch.manual_seed(int(fill * 10))
+    layer = SeededLayer(32, 2, kind="lowrank", rank=4, backend="reference", layer_key="fc")
+    host = torch.nn.Linear(4, 4)
+    optimizers = Optimizers(
+        torch.optim.AdamW(host.parameters(), lr=0.1), SeedOptimizer({"fc": layer}, name="adamw", lr=0.1)
+    )
+    controller = Controller()
+    if fill:
+        germinate(layer, 0, 1)
+        advance(layer, 0, 2)
+        with torch.no_grad():
+            layer.telemetry.copy_(torch.arange(layer.telemetry.numel(), dtype=torch.float32).view_as(layer.telemetry))
+        for p in [*host.parameters(), layer.bank.p0, layer.bank.p1]:
+            p.grad = torch.full_like(p, fill)
+        optimizers.step()
+        controller.streaks, controller.intervals = {"fc:0": 2}, 5
+    mesh = SimpleNamespace(rank=0, dp=dp, dp_rank=dp_rank, seed=1, mode="data", device_mesh=None)
+    params = [(f"lin.{n}", p) for n, p in host.named_parameters()]
+    prev = [p.detach() + fill for _, p in params]
+    return {
+        "mesh": mesh,
+        "layers": {"fc": layer},
+        "host_params": params,
+        "optimizers": optimizers,
+        "controller": controller,
+        "prev_host": prev,
+    }
+
+
+def test_a_whole_training_state_round_trips(tmp_path):
+    from morpho_dist.kernels.layout import F_ABSMAX, F_BENEFIT, F_GRAD_SQ
+
+    saved = _training_state(0.5, dp=2)
+    path = checkpoint.checkpoint_path(str(tmp_path), 12)
+    torch.manual_seed(7)
+    checkpoint.save(path, step=12, extra={"epoch": 3}, **saved)
+    draws = torch.rand(3)
+    fresh = _training_state(0.0, dp=2)  # its host optimizer has no state yet: the load allocates it
+    assert checkpoint.load(path, **fresh) == (12, {"epoch": 3})
+    assert torch.equal(torch.rand(3), draws)  # the rng continues where the save left it
+    a, b = saved["layers"]["fc"], fresh["layers"]["fc"]
+    tensors_b = dict([*b.named_parameters(), *b.named_buffers()])
+    for name, x in [*a.named_parameters(), *a.named_buffers()]:
+        torch.testing.assert_close(tensors_b[name], x, rtol=0, atol=0, msg=name)
+    assert b.stages()[0].name == "TRAINING" and not b.known_idle()  # the idle record follows the loaded stages
+    for key, t in saved["optimizers"].seeds.state["fc"].items():
+        assert torch.equal(fresh["optimizers"].seeds.state["fc"][key], t), key
+    host_a, host_b = saved["optimizers"].host, fresh["optimizers"].host
+    for (_, p), (_, q) in zip(saved["host_params"], fresh["host_params"]):
+        assert torch.equal(q, p)
+        assert sorted(host_b.state[q]) == sorted(host_a.state[p])
+        for key in host_a.state[p]:
+            assert torch.equal(torch.as_tensor(host_b.state[q][key]), torch.as_tensor(host_a.state[p][key])), key
+    assert all(torch.equal(x, y) for x, y in zip(fresh["prev_host"], saved["prev_host"]))
+    assert fresh["controller"].state_dict() == {"streaks": {"fc:0": 2}, "intervals": 5}
+    # another data-parallel replica starts its sums at zero (keeping the max); one process of dp=1 holds the
+    # global-batch table: grad_sq / dp^2 and benefit / dp of the two replicas' sum, the other fields as they are
+    replica = _training_state(0.0, dp=2, dp_rank=1)
+    checkpoint.load(path, **replica)
+    tel = replica["layers"]["fc"].telemetry
+    assert torch.equal(tel[:, F_ABSMAX], a.telemetry[:, F_ABSMAX])
+    assert not tel[:, :F_ABSMAX].any() and not tel[:, F_ABSMAX + 1 :].any()
+    single = _training_state(0.0, dp=1)
+    checkpoint.load(path, **single)
+    expected = a.telemetry.clone()
+    expected[:, F_GRAD_SQ] /= 4
+    expected[:, F_BENEFIT] /= 2
+    torch.testing.assert_close(single["layers"]["fc"].telemetry, expected, rtol=0, atol=0)
