@@ -16,7 +16,9 @@ itself costs for such a call, under which no seeded layer can go. Reported: medi
 ``--steps`` passes through a chain of ``--layers`` layers: per layer call, the forward, the backward (one
 ``y.backward(dy)`` through the whole chain, so the autograd engine's start is shared as in a training step) and
 their sum; and the function calls the interpreter makes per layer call (Python functions, and C functions called
-from Python, counted with sys.setprofile over one pass), which do not depend on the machine or its load.
+from Python, counted with sys.setprofile over one pass), which do not depend on the machine or its load. With
+``--compiled`` also the dormant and one-third chains under torch.compile (aot_eager: the traced calls run through
+the op's custom ops, which the eager layer does not use).
 """
 
 from __future__ import annotations
@@ -178,6 +180,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=16, help="layers in the chain")
     ap.add_argument("--steps", type=int, default=200, help="forward + backward passes through the chain")
+    ap.add_argument(
+        "--compiled", action="store_true", help="also the dormant and one-third chains under torch.compile(aot_eager)"
+    )
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -196,6 +201,20 @@ def main(argv: list[str] | None = None) -> dict:
             f"calls per layer call: fwd {calls['fwd_py_calls']} py + {calls['fwd_c_calls']} c, "
             f"bwd {calls['bwd_py_calls']} py + {calls['bwd_c_calls']} c"
         )
+    if args.compiled:
+        # Dynamo + AOTAutograd with eager kernels: the traced calls run the op's custom ops, whose per-call cost
+        # (torch.library's dispatch, the op's body) this row measures; compiling takes a few seconds.
+        for name, third in (("dormant_compiled", False), ("third_compiled", True)):
+            chain = torch.compile(
+                torch.nn.Sequential(*(make_layer(third) for _ in range(args.layers))),
+                backend="aot_eager",
+                fullgraph=True,
+            )
+            fwd, bwd = (
+                t / args.layers for t in time_calls([chain], args.steps, torch.randn(8, 1024, requires_grad=True))
+            )
+            rows[name] = {"fwd_us": fwd, "bwd_us": bwd, "fwd_bwd_us": fwd + bwd}
+            print(f"{name:16s} fwd {fwd:6.1f} us  bwd {bwd:6.1f} us  fwd+bwd {fwd + bwd:6.1f} us")
     result = {
         "torch": torch.__version__,
         "python": sys.version.split()[0],

@@ -14,8 +14,10 @@ import functools
 import torch
 from torch import Tensor
 
+from morpho_dist.blueprints import KINDS
 from morpho_dist.kernels import launch
-from morpho_dist.kernels.options import KernelOptions
+from morpho_dist.kernels.common import ACT_IDS
+from morpho_dist.kernels.options import DOT_PRECISIONS, LOWRANK_MATHS, KernelOptions
 from morpho_dist.ops import promises
 
 
@@ -66,24 +68,49 @@ def _backward_impl(dy, drec, x, stage, blend, alpha, p0, p1, telemetry, kind, ac
     return dx2.view(x.shape), dp0, dp1
 
 
+# The custom ops take kind, act, all_idle and the KernelOptions fields as one int[] ("config"): torch.library's
+# Python wrapper of a mutating op walks the schema per call at a cost that grows with the square of the argument
+# count (torch 2.13: utils.fill_defaults; 164 us a call for 23 arguments on the CPU against 53 us for 9).
+_STR_FIELDS = {"dot_precision": DOT_PRECISIONS, "lowrank_math": LOWRANK_MATHS}  # str fields: index in these
+_OPTION_FIELDS = tuple(f.name for f in dataclasses.fields(KernelOptions))
+_KIND_IDS = {kind: i for i, kind in enumerate(KINDS)}
+_ACT_NAMES = tuple(ACT_IDS)
+_ACT_INDEX = {act: i for i, act in enumerate(_ACT_NAMES)}
+
+
+def _config(kind: str, act: str, all_idle: bool, opts: KernelOptions) -> list[int]:
+    """The custom ops' config: kind, act and all_idle, then the options in KernelOptions' field order (bools as
+    0/1, str fields as their index in the allowed values). Not dataclasses.astuple: it deep-copies every field,
+    which Dynamo (torch 2.11) cannot trace (a graph break under torch.compile)."""
+    config = [_KIND_IDS[kind], _ACT_INDEX[act], int(all_idle)]
+    for name in _OPTION_FIELDS:
+        value = getattr(opts, name)
+        if name in _STR_FIELDS:
+            value = _STR_FIELDS[name].index(value)
+        config.append(int(value))
+    return config
+
+
 @functools.lru_cache(maxsize=64)
-def _options(*fields) -> KernelOptions:
-    """KernelOptions from the custom ops' fields, built (and validated) once per distinct set."""
-    return KernelOptions(*fields)
+def _decoded(config: tuple[int, ...]) -> tuple[str, str, bool, KernelOptions]:
+    """(kind, act, all_idle, KernelOptions) of a config, built (and validated) once per distinct one."""
+    kind, act, all_idle, *fields = config
+    values = {}
+    for name, value, default in zip(_OPTION_FIELDS, fields, dataclasses.astuple(KernelOptions()), strict=True):
+        if name in _STR_FIELDS:
+            value = _STR_FIELDS[name][value]
+        elif isinstance(default, bool):
+            value = bool(value)
+        values[name] = value
+    return KINDS[kind], _ACT_NAMES[act], bool(all_idle), KernelOptions(**values)
 
 
 @torch.library.custom_op("morpho_dist::seeded_fwd", mutates_args=("telemetry",))
 def seeded_fwd(
     x: Tensor, stage: Tensor, blend: Tensor, alpha: Tensor, p0: Tensor, p1: Tensor, telemetry: Tensor | None,
-    kind: str, act: str, dead_eps: float, all_idle: bool,
-    block_rows: int, block_cols: int, num_warps: int, deterministic: bool, dot_precision: str, bwd_num_warps: int,
-    autotune: bool, lowrank_rows: int, lowrank_warps: int, programs_per_sm: int, lowrank_math: str,
-    overlap: bool,
+    dead_eps: float, config: list[int],
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
-    opts = _options(
-        block_rows, block_cols, num_warps, deterministic, dot_precision, bwd_num_warps, autotune,
-        lowrank_rows, lowrank_warps, programs_per_sm, lowrank_math, overlap,
-    )  # fmt: skip
+    kind, act, all_idle, opts = _decoded(tuple(config))
     all_idle = all_idle or promises.holds(stage)  # traced calls promise nothing; the layer's record may, now
     return _forward_impl(x, stage, blend, alpha, p0, p1, telemetry, kind, act, dead_eps, all_idle, opts)
 
@@ -96,15 +123,9 @@ def _(x, stage, blend, alpha, p0, p1, telemetry, *args):
 @torch.library.custom_op("morpho_dist::seeded_bwd", mutates_args=("telemetry",))
 def seeded_bwd(
     dy: Tensor, drec: Tensor, x: Tensor, stage: Tensor, blend: Tensor, alpha: Tensor, p0: Tensor, p1: Tensor,
-    telemetry: Tensor | None, kind: str, act: str, all_idle: bool,
-    block_rows: int, block_cols: int, num_warps: int, deterministic: bool, dot_precision: str, bwd_num_warps: int,
-    autotune: bool, lowrank_rows: int, lowrank_warps: int, programs_per_sm: int, lowrank_math: str,
-    overlap: bool,
+    telemetry: Tensor | None, config: list[int],
 ) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
-    opts = _options(
-        block_rows, block_cols, num_warps, deterministic, dot_precision, bwd_num_warps, autotune,
-        lowrank_rows, lowrank_warps, programs_per_sm, lowrank_math, overlap,
-    )  # fmt: skip
+    kind, act, all_idle, opts = _decoded(tuple(config))
     all_idle = all_idle or promises.holds(stage)
     return _backward_impl(dy, drec, x, stage, blend, alpha, p0, p1, telemetry, kind, act, all_idle, opts)
 
@@ -114,20 +135,14 @@ def _(dy, drec, x, stage, blend, alpha, p0, p1, telemetry, *args):
     return torch.empty_like(x), torch.empty_like(p0), torch.empty_like(p1)
 
 
-def _static(opts: KernelOptions) -> tuple:
-    # The custom ops take the options field by field, in KernelOptions' order. Not dataclasses.astuple: it
-    # deep-copies every field, which Dynamo (torch 2.11) cannot trace (a graph break under torch.compile).
-    return tuple(getattr(opts, f.name) for f in dataclasses.fields(opts))
-
-
 class _SeededFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, stage, blend, alpha, p0, p1, telemetry, kind, act, dead_eps, all_idle, opts: KernelOptions):
-        args = (x, stage, blend, alpha, p0, p1, telemetry, kind, act, dead_eps, all_idle)
         if torch.compiler.is_compiling():
-            y, rec_loss = torch.ops.morpho_dist.seeded_fwd(*args, *_static(opts))
+            config = _config(kind, act, all_idle, opts)
+            y, rec_loss = torch.ops.morpho_dist.seeded_fwd(x, stage, blend, alpha, p0, p1, telemetry, dead_eps, config)
         else:
-            y, rec_loss = _forward_impl(*args, opts)
+            y, rec_loss = _forward_impl(x, stage, blend, alpha, p0, p1, telemetry, kind, act, dead_eps, all_idle, opts)
         ctx.save_for_backward(x, stage, blend, alpha, p0, p1)
         # Later calls update telemetry in place, so it stays off the saved-tensor version check.
         ctx.telemetry = telemetry
@@ -140,11 +155,12 @@ class _SeededFunction(torch.autograd.Function):
         if dy is None:
             dy = torch.zeros_like(x)
         drec = torch.zeros((), device=x.device) if drec is None else drec.float()
-        args = (dy, drec, x, stage, blend, alpha, p0, p1, ctx.telemetry, ctx.kind, ctx.act, ctx.all_idle)
+        args = (dy, drec, x, stage, blend, alpha, p0, p1, ctx.telemetry)
         if torch.compiler.is_compiling():
-            dx, dp0, dp1 = torch.ops.morpho_dist.seeded_bwd(*args, *_static(ctx.opts))
+            config = _config(ctx.kind, ctx.act, ctx.all_idle, ctx.opts)
+            dx, dp0, dp1 = torch.ops.morpho_dist.seeded_bwd(*args, config)
         else:
-            dx, dp0, dp1 = _backward_impl(*args, ctx.opts)
+            dx, dp0, dp1 = _backward_impl(*args, ctx.kind, ctx.act, ctx.all_idle, ctx.opts)
         return dx, None, None, None, dp0, dp1, None, None, None, None, None, None
 
 

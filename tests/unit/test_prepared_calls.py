@@ -198,3 +198,20 @@ def test_a_parametrized_bank_gives_its_computed_parameter_to_the_op():
     parametrize.register_parametrization(layer.bank, "p1", Doubled())
     layer.eval()
     assert torch.equal(layer(x), want)
+
+
+def test_the_custom_ops_config_carries_kind_act_promise_and_every_option():
+    """torch.compile's path passes kind, act, all_idle and the kernel options to the custom ops as one int list;
+    decoding it gives back what was encoded, for options that differ from the defaults in every field."""
+    from morpho_dist.ops.triton_op import _config, _decoded
+
+    opts = KernelOptions(
+        block_rows=16, block_cols=64, num_warps=4, deterministic=True, dot_precision="tf32", bwd_num_warps=8,
+        autotune=True, lowrank_rows=32, lowrank_warps=8, programs_per_sm=3, lowrank_math="rank1", overlap=False,
+    )  # fmt: skip
+    assert all(getattr(opts, f) != getattr(KernelOptions(), f) for f in KernelOptions.__dataclass_fields__)
+    for kind, act, all_idle, options in (("diagonal", "gelu_tanh", True, opts), ("lowrank", "relu", False, None)):
+        options = options or KernelOptions()
+        config = _config(kind, act, all_idle, options)
+        assert all(type(v) is int for v in config)
+        assert _decoded(tuple(config)) == (kind, act, all_idle, options)
