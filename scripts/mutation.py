@@ -3,6 +3,7 @@
     pip install -e '.[mutation]'                      # cosmic-ray
     nice -n 19 python scripts/mutation.py             # every module below (an hour or more on 2 cores)
     nice -n 19 python scripts/mutation.py lifecycle schedules --report docs/mutation_report.txt
+    nice -n 19 python scripts/mutation.py --named     # issue 28's five hand-made mutants (NAMED), about a minute
 
 For each module, cosmic-ray plants one small change at a time (a comparison moved by one, + for -, * for /, a
 constant changed, a condition negated, and/or swapped, a loop made empty) into a scratch copy of the repository
@@ -47,8 +48,18 @@ MODULES = {
     "checkpoint": ["tests/unit/test_checkpoint_unit.py"],
     "resume": ["tests/unit/test_resume.py", "tests/unit/test_checkpoint_unit.py"],
     "reliability": ["tests/unit/test_divergence.py", "tests/unit/test_seed_guard.py", "tests/unit/test_desync.py"],
-    "ops/reference": ["tests/unit/test_reference.py", "tests/unit/test_blend_formulas.py"],
+    "ops/reference": ["tests/unit/test_blend_formulas.py", "tests/unit/test_reference.py"],  # faster first (-x)
 }
+
+# Issue 28's five hand-made mutants (file, original text, mutated text): beyond cosmic-ray's operators, each must
+# fail its module's tests (``--named``).
+NAMED = [
+    ("lifecycle", "Stage.FOSSILIZED: frozenset(),", "Stage.FOSSILIZED: frozenset({Stage.CULLED}),"),  # table entry
+    ("ops/reference", "x * (1 + alpha * torch.tanh(u))", "x * (1 + torch.tanh(alpha * u))"),  # multiplicative blend
+    ("controller", "useful = s.benefit < -c.benefit_threshold", "useful = s.benefit < c.benefit_threshold"),
+    ("optim", "m.copy_(torch.where(m_, self.momentum * m + g, m))", "m.copy_(self.momentum * m + g)"),  # unmasked
+    ("checkpoint", "if m and int(m.group(1)) != step:", "if False and m and int(m.group(1)) != step:"),  # step check
+]
 
 # Operators kept (regular expressions over cosmic-ray's operator names); every other one is filtered out.
 KEEP = [
@@ -199,6 +210,27 @@ def run_module(
     return counts, survivors, time.time() - t0
 
 
+def run_named(work: str, env: dict) -> list[str]:
+    """Apply each NAMED mutant to the scratch copy in turn and run its module's tests; one line per mutant."""
+    lines = []
+    for module, old, new in NAMED:
+        path = os.path.join(work, "morpho_dist", f"{module}.py")
+        with open(path) as fh:
+            source = fh.read()
+        if source.count(old) != 1:
+            lines.append(f"{module}: {old!r} not found once: the named mutant no longer applies")
+            continue
+        with open(path, "w") as fh:
+            fh.write(source.replace(old, new))
+        cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *MODULES[module]]
+        done = subprocess.run(cmd, cwd=work, env={**env, "PYTHONDONTWRITEBYTECODE": "1"}, capture_output=True)
+        with open(path, "w") as fh:
+            fh.write(source)
+        lines.append(f"{module}: {new!r}: {'killed' if done.returncode else 'SURVIVED'}")
+        print(lines[-1], flush=True)
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("modules", nargs="*", default=list(MODULES), help=f"modules (default: all of {list(MODULES)})")
@@ -206,6 +238,7 @@ def main() -> None:
     parser.add_argument("--report", help="also write the report to this file")
     parser.add_argument("--keep", action="store_true", help="keep the scratch dir (its sqlite sessions)")
     parser.add_argument("--no-server", action="store_true", help="a fresh python -m pytest per mutant (slower)")
+    parser.add_argument("--named", action="store_true", help="only issue 28's five hand-made mutants (NAMED)")
     parser.add_argument("--server", nargs=1, metavar="SOCKET", help=argparse.SUPPRESS)
     parser.add_argument("--client", nargs=1, metavar="SOCKET", help=argparse.SUPPRESS)
     if "--client" in sys.argv[1:2]:  # the per-mutant test command: --client SOCKET PYTEST-ARGS...
@@ -224,6 +257,12 @@ def main() -> None:
     ignore = shutil.ignore_patterns(".git", "outputs", "wandb", "multirun", "__pycache__", ".hypothesis", "*.egg-info")
     shutil.copytree(REPO, work, ignore=ignore)
     env = {**os.environ, "PYTHONPATH": work, "OMP_NUM_THREADS": "1", "TRITON_INTERPRET": "1"}
+    if args.named:
+        try:
+            lines = run_named(work, env)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        sys.exit(0 if all(line.endswith(": killed") for line in lines) else 1)
     lines, total = [], {"killed": 0, "survived": 0, "incompetent": 0, "skipped": 0}
     server = None
     if args.no_server:

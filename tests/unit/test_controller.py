@@ -308,3 +308,171 @@ def test_checksum_stable_across_processes_and_sensitive():
     layer.stage[2] = 1  # post-state is covered
     assert decisions_checksum(ds, {"fc": layer}) != here
     verify_same_decisions(here, step=3)  # single process: nothing to compare, no error
+
+
+def test_config_refusals_and_the_interval_count():
+    for bad in ({"max_active": -1}, {"interval": 0}, {"patience_k": 0}):
+        with pytest.raises(ValueError, match="interval >= 1, max_active >= 0, patience_k >= 1"):
+            Controller(ControllerConfig(**bad))
+    from types import SimpleNamespace
+
+    partial = Controller(SimpleNamespace(max_active=0, interval=None))  # missing or None keys take the defaults
+    assert (partial.cfg.max_active, partial.cfg.interval, partial.cfg.patience_k) == (0, 10, 2)
+    Controller(ControllerConfig(interval=1, max_active=0, patience_k=1))  # each at its lowest allowed value
+    ctl = Controller(ControllerConfig(max_active=0))
+    assert ctl.intervals == 0
+    ctl.decide(rep(sr(0)), 10)
+    ctl.decide(rep(sr(0)), 20)
+    assert ctl.state_dict()["intervals"] == 2
+    ctl.load_state_dict({"streaks": {"fc:0": 1}})  # a state without the count (an older checkpoint) restarts it
+    assert (ctl.intervals, ctl.streaks) == (0, {"fc:0": 1})
+
+
+def test_germination_pool_and_capacity_score():
+    """The pool is the DORMANT seeds with data this interval (count > 0); score = grad_rms / max grad_rms +
+    dead_frac (a zero max grad leaves grad_rms as is)."""
+    cfg = ControllerConfig(max_active=1, germinate_grad_quantile=0.0, dead_frac_threshold=0.4)
+    no_data = [sr(0, grad_rms=5.0, count=0.0), sr(1, grad_rms=1.0, count=1.0)]
+    assert [d.seed for d in Controller(cfg).decide(rep(*no_data), 10)] == [1]
+    # normalised grad: seed 0 scores 0.2 / 0.2 = 1.0, seed 1 0.1 / 0.2 + 0.4 = 0.9 (unnormalised, 0.2 < 0.5)
+    d = Controller(cfg).decide(rep(sr(0, grad_rms=0.2), sr(1, grad_rms=0.1, dead_frac=0.4), sr(2, grad_rms=0.05)), 10)
+    assert [x.seed for x in d] == [0] and d[0].signals["score"] == pytest.approx(1.0)
+    d = Controller(cfg).decide(rep(sr(0, grad_rms=0.0), sr(1, grad_rms=0.0, dead_frac=0.6)), 10)
+    assert [x.seed for x in d] == [1] and d[0].signals["score"] == pytest.approx(0.6)
+    d = Controller(cfg).decide(rep(sr(0, grad_rms=0.0), sr(1, grad_rms=0.5)), 10)  # max 0.5 although the min is 0
+    assert [x.seed for x in d] == [1] and d[0].signals["score"] == pytest.approx(1.0)
+    at_threshold = replace(cfg, germinate_grad_quantile=1.0, germinate_per_interval=2, max_active=2)
+    seeds = [sr(0, grad_rms=1.0), sr(1, grad_rms=0.2, dead_frac=0.4), sr(2, grad_rms=0.3)]
+    d = Controller(at_threshold).decide(rep(*seeds), 10)
+    assert [x.seed for x in d] == [0, 1]  # dead_frac 0.4 reaches the threshold 0.4: a candidate (score 0.6)
+
+
+def test_germinate_grad_quantile_is_clamped_to_the_unit_interval():
+    seeds = [sr(0, grad_rms=1.0), sr(1, grad_rms=2.0), sr(2, grad_rms=3.0)]
+    cfg = ControllerConfig(max_active=3, germinate_per_interval=3, dead_frac_threshold=2.0)
+    below = Controller(replace(cfg, germinate_grad_quantile=-0.5)).decide(rep(*seeds), 10)
+    assert sorted(d.seed for d in below) == [0, 1, 2]  # clamped to 0: the cut is the smallest grad_rms
+    above = Controller(replace(cfg, germinate_grad_quantile=1.5)).decide(rep(*seeds), 10)
+    assert [d.seed for d in above] == [2]  # clamped to 1: the cut is the largest
+
+
+def test_apply_decisions_embargo_alpha_rate_and_alpha():
+    """A cull sets the embargo its decision carries (none without a value); a recycle is refused before the
+    embargo's step and allowed at it; entering GRAFTING sets the schedule's initial rate (the decision's value
+    without a schedule); entering STABILIZATION snaps alpha to 1 and the rate to 0; other moves keep alpha."""
+    layer = _layer()
+    layer.stage.copy_(torch.tensor([int(Stage.TRAINING), int(Stage.TRAINING), int(Stage.GRAFTING), 5]))
+    layer.alpha.copy_(torch.tensor([0.0, 0.0, 0.4, 0.7]))
+    layers = {"fc": layer}
+    cull = Decision("fc", 0, "cull", Stage.CULLED, 33.0, "x", {})
+    apply_decisions(layers, [cull, replace(cull, seed=1, value=None)], step=10, schedule=None)
+    assert layer.embargo_until[:2].tolist() == [43, 10]
+    recycle = Decision("fc", 0, "recycle", Stage.DORMANT, None, "x", {})
+    with pytest.raises(IllegalTransition, match="embargoed until step 43"):  # seed 1 (embargo passed) first
+        apply_decisions(layers, [replace(recycle, seed=1), recycle], step=42, schedule=None)
+    assert layer.stages()[:2] == [Stage.CULLED, Stage.CULLED]  # the batch changed nothing
+    apply_decisions(layers, [recycle], step=43, schedule=None)
+    assert layer.stages()[0] == Stage.DORMANT
+    layer.stage[0] = layer.stage[1] = int(Stage.TRAINING)
+    adv = Decision("fc", 0, "advance", Stage.GRAFTING, 0.3, "x", {})
+    apply_decisions(layers, [adv, replace(adv, seed=1, value=None)], step=50, schedule=None)
+    assert layer.alpha_rate[:2].tolist() == pytest.approx([0.3, 0.0])
+    layer.stage[0] = int(Stage.TRAINING)
+    apply_decisions(layers, [adv], step=51, schedule=make_schedule(ScheduleConfig(ramp_steps=8)))
+    assert layer.alpha_rate[0].item() == pytest.approx(1 / 8)
+    stab = Decision("fc", 2, "advance", Stage.STABILIZATION, None, "x", {})
+    apply_decisions(layers, [stab, replace(stab, seed=3, target=Stage.FINE_TUNING)], step=52, schedule=None)
+    assert layer.alpha[2:].tolist() == pytest.approx([1.0, 0.7]) and layer.alpha_rate[2].item() == 0.0
+    assert layer.stages()[2:] == [Stage.STABILIZATION, Stage.FINE_TUNING]
+
+
+def test_checksum_covers_the_report_tables_and_uses_62_bits():
+    layer = _layer()
+    r = build_report({"fc": layer}, step=5)
+    base = decisions_checksum([], {"fc": layer}, r)
+    r.table[0, 0] += 1.0
+    assert decisions_checksum([], {"fc": layer}, r) != base
+    r.table[0, 0] -= 1.0
+    r.states[0, 0] += 1
+    assert decisions_checksum([], {"fc": layer}, r) != base
+    sums = [decisions_checksum([Decision("fc", 0, "cull", None, float(v), "x", {})], {}) for v in range(32)]
+    assert all(0 <= s < 2**62 for s in sums) and len(set(sums)) == 32
+    bits = 0
+    for s in sums:
+        bits |= s
+    assert bits == 2**62 - 1  # every one of the 62 bits is used
+    sharded = SeededLayer(64, 4, kind="diagonal", backend="reference", layer_key="fc", seed_offset=4)
+    sharded.num_global_seeds = 8
+    before = decisions_checksum([], {"fc": sharded})
+    sharded.stage[0] = 1  # a seed shard's state is covered through the report, not here (it differs by rank)
+    assert decisions_checksum([], {"fc": sharded}) == before
+    first = SeededLayer(64, 4, kind="diagonal", backend="reference", layer_key="fc")  # the first shard of 8 seeds
+    first.num_global_seeds = 8
+    before = decisions_checksum([], {"fc": first})
+    first.stage[0] = 1
+    assert decisions_checksum([], {"fc": first}) == before
+
+
+def test_verify_same_decisions_in_a_one_rank_group(tmp_path):
+    """Under torch.distributed with one rank the ranks agree by construction: no error."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        verify_same_decisions(123456789, step=3)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_training_streak_boundaries():
+    """The first useful interval makes a streak of 1; an interval without data (count 0) leaves the streak as it
+    was, one with a single sample counts; a linear seed with rms 0 (or a tiny one) is judged by delta_rms / rms;
+    GRAFTING culls at exactly max_grafting_steps; germination starts at exactly warmup_steps."""
+    cfg = ControllerConfig(patience_k=2, min_training_steps=0, max_active=1)
+    ctl = Controller(cfg)
+    t = lambda b, count=100.0: rep(sr(0, Stage.TRAINING, benefit=b, count=count, steps_in_stage=5))  # noqa: E731
+    assert ctl.decide(t(-1.0), 10) == [] and ctl.streaks["fc:0"] == 1
+    assert ctl.decide(t(1.0, count=0.0), 20) == [] and ctl.streaks["fc:0"] == 1  # no data: kept, not reset
+    assert cmds(ctl.decide(t(-1.0, count=1.0), 30)) == [("fc", 0, "advance", Stage.GRAFTING)]
+    lin = Controller(replace(cfg, patience_k=1, rec_rel_threshold=0.2))
+    zero = rep(sr(0, Stage.TRAINING, blend=2, delta_rms=0.0, rms=0.0, steps_in_stage=5))
+    assert lin.decide(zero, 10) == []  # rms 0: the relative error is inf, not useful
+    small = rep(sr(0, Stage.TRAINING, blend=2, delta_rms=0.05, rms=0.5, steps_in_stage=5))
+    assert cmds(lin.decide(small, 10))[0][2] == "advance"  # 0.1 < 0.2
+    graft = Controller(ControllerConfig(max_grafting_steps=40, max_active=0))
+    assert graft.decide(rep(sr(0, Stage.GRAFTING, alpha=0.5, steps_in_stage=39)), 10) == []
+    assert cmds(graft.decide(rep(sr(0, Stage.GRAFTING, alpha=0.5, steps_in_stage=40)), 10))[0][2] == "cull"
+    over = Controller(ControllerConfig(max_active=1, germinate_per_interval=3))  # 2 active > max_active 1
+    busy = [sr(0, Stage.TRAINING, steps_in_stage=1), sr(1, Stage.GRAFTING, alpha=0.5), sr(2), sr(3), sr(4)]
+    assert over.decide(rep(*busy), 10) == []
+    lin_edge = rep(sr(0, Stage.TRAINING, blend=2, delta_rms=0.1, rms=0.5, steps_in_stage=5))  # 0.2: not < 0.2
+    assert lin.decide(lin_edge, 10) == []
+    ev = Controller(ControllerConfig(evaluate_threshold=0.5, max_active=0))
+    at_limit = rep(sr(0, Stage.EVALUATING, alpha=1.0))
+    at_limit.counterfactual[("fc", 0)] = (1.0, 1.5)  # improvement 0.5 is not > 0.5
+    assert cmds(ev.decide(at_limit, 10))[0][2] == "cull"
+    warm = Controller(ControllerConfig(warmup_steps=30, max_active=1))
+    assert warm.decide(rep(sr(0)), 29) == [] and cmds(warm.decide(rep(sr(0)), 30))[0][2] == "germinate"
+
+
+def test_apply_set_alpha_rate_and_seeds_of_other_shards():
+    layer = SeededLayer(64, 4, kind="diagonal", backend="reference", layer_key="fc", seed_offset=4)
+    rate = Decision("fc", 5, "set_alpha_rate", None, 0.25, "x", {})
+    apply_decisions({"fc": layer}, [rate, replace(rate, seed=6, value=None)], step=1, schedule=None)
+    assert layer.alpha_rate.tolist() == pytest.approx([0.0, 0.25, 0.0, 0.0])
+    other = Decision("fc", 1, "germinate", Stage.GERMINATED, None, "x", {})  # global seed 1: another shard's
+    apply_decisions({"fc": layer}, [other], step=1, schedule=None)
+    assert layer.stages() == [Stage.DORMANT] * 4
+
+
+def test_measure_counterfactuals_takes_the_controller_by_keyword_only():
+    with pytest.raises(TypeError):
+        measure_counterfactuals({}, rep(), lambda: 0.0, Controller())
+
+
+def test_measure_counterfactuals_skips_layers_this_rank_does_not_hold():
+    layer = _layer()
+    r = rep(sr(0, Stage.EVALUATING, layer="elsewhere"))
+    calls = []
+    measure_counterfactuals({"fc": layer}, r, lambda: calls.append(1) or 2.0)
+    assert r.counterfactual == {("elsewhere", 0): (2.0, 2.0)} and len(calls) == 2
