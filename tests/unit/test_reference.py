@@ -414,3 +414,32 @@ def test_layer_training_mode_accumulates_until_reset():
     assert layer.read_telemetry()[:, F_COUNT].tolist() == [64.0, 64.0, 64.0]
     layer(x)
     assert layer.read_telemetry()[:, F_COUNT].tolist() == [32.0, 32.0, 32.0]
+
+
+def test_a_broken_all_idle_promise_is_nan_in_exactly_the_live_columns():
+    """all_idle=True while seed 1 is TRAINING and seed 2 GRAFTING: y and dx are NaN in their columns only."""
+    d = make("diagonal", [S.DORMANT, S.TRAINING, S.GRAFTING, S.CULLED], [ADD] * 4, [0.0, 0.0, 0.5, 0.0])
+    x = d["x"].clone().requires_grad_(True)
+    y, _ = seeded_reference(
+        x, d["stage"], d["blend"], d["alpha"], d["p0"], d["p1"], None, kind="diagonal", all_idle=True
+    )
+    y.sum().backward()
+    live = torch.tensor([False] * 3 + [True] * 6 + [False] * 3)  # chunk 3: seeds 1 and 2
+    assert torch.isnan(y[:, live]).all() and torch.isfinite(y[:, ~live]).all()
+    assert torch.equal(y[:, :3], d["x"][:, :3])  # the DORMANT seed passes x through
+    assert torch.isnan(x.grad[:, live]).all() and torch.isfinite(x.grad[:, ~live]).all()
+
+
+def test_ids_are_checked_by_default_and_the_options_are_keyword_only():
+    d = make("diagonal", [S.DORMANT, S.DORMANT], [ADD, ADD], [0.0, 0.0])
+    with pytest.raises(ValueError, match=r"stage holds ids \[42\] out of range"):
+        run(d, kind="diagonal", stage=torch.tensor([0, 42], dtype=torch.int8))
+    with pytest.raises(TypeError):
+        seeded_reference(d["x"], d["stage"], d["blend"], d["alpha"], d["p0"], d["p1"], None, "diagonal")
+
+
+def test_dead_eps_defaults_to_1e_6():
+    """Without dead_eps the dead counts are those of eps 1e-6 (the spot check of the formulas test above)."""
+    a, tel = tel_args(), torch.zeros(5, NUM_FIELDS)
+    seeded_reference(a["x"], a["stage"], a["blend"], a["alpha"], a["p0"], a["p1"], tel, kind="diagonal")
+    assert tel[:, F_DEAD].tolist() == [1.0, 1.0, 2.0, 1.0, 0.0]
