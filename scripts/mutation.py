@@ -45,7 +45,7 @@ MODULES = {
     "schedules": ["tests/unit/test_schedules.py", "tests/unit/test_config_defaults.py"],
     "optim": ["tests/unit/test_optim.py"],
     "controller": ["tests/unit/test_controller.py", "tests/unit/test_config_defaults.py"],
-    "checkpoint": ["tests/unit/test_checkpoint_unit.py"],
+    "checkpoint": ["tests/unit/test_checkpoint_unit.py", "tests/unit/test_resume.py"],
     "resume": ["tests/unit/test_resume.py", "tests/unit/test_checkpoint_unit.py"],
     "reliability": ["tests/unit/test_divergence.py", "tests/unit/test_seed_guard.py", "tests/unit/test_desync.py"],
     "ops/reference": ["tests/unit/test_blend_formulas.py", "tests/unit/test_reference.py"],  # faster first (-x)

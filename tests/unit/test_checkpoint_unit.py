@@ -363,3 +363,140 @@ def test_a_whole_training_state_round_trips(tmp_path):
     expected[:, F_GRAD_SQ] /= 4
     expected[:, F_BENEFIT] /= 2
     torch.testing.assert_close(single["layers"]["fc"].telemetry, expected, rtol=0, atol=0)
+
+
+def test_checkpoint_edges(tmp_path, monkeypatch):
+    """A leftover .tmp of a save that died is not carried into the next checkpoint; keep=1 keeps one; the fit
+    config resolves interpolations; a full disk is one of less than 1 MiB free; save and load take keywords only;
+    a state without a controller loads one saved with it; a shape refusal names the first three tensors."""
+    path = checkpoint.checkpoint_path(str(tmp_path), 5)
+    os.makedirs(path + checkpoint.TMP_SUFFIX)
+    _write(path + checkpoint.TMP_SUFFIX, "junk", b"from a save that died")
+    checkpoint.save(path, step=5, **_state())
+    assert "junk" not in os.listdir(path)
+    checkpoint.save(checkpoint.checkpoint_path(str(tmp_path), 6), step=6, keep=1, **_state())
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_0000006"]
+    cfg = OmegaConf.create({"width": 48, "model": {"embed": "${width}"}})
+    assert checkpoint.fit_config(cfg)["model.embed"] == 48
+    usage = SimpleNamespace(total=1 << 30, used=0, free=(1 << 20) - 1)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda d: usage)
+    assert checkpoint._space_note(str(tmp_path), "x") == f"; no space left on the device ({(1 << 20) - 1} bytes free)"
+    usage.free = 1 << 20
+    assert checkpoint._space_note(str(tmp_path), "x") == ""
+    monkeypatch.undo()
+    with pytest.raises(TypeError):
+        checkpoint.save(path, 5, **_state())
+    with pytest.raises(TypeError):
+        checkpoint.load(path, MESH, {}, [], None, None)
+    whole = _training_state(0.5)
+    saved = checkpoint.checkpoint_path(str(tmp_path), 9)
+    checkpoint.save(saved, step=9, **whole)
+    assert checkpoint.load(saved, **{**_training_state(0.0), "controller": None})[0] == 9
+    params = [(f"p{i}", torch.nn.Parameter(torch.zeros(i + 1))) for i in range(4)]
+    checkpoint.save(saved, step=9, **{**_state(), "host_params": params})
+    wider = [(n, torch.nn.Parameter(torch.zeros(p.numel() + 1))) for n, p in params]
+    with pytest.raises(CheckpointError) as info:
+        checkpoint.load(saved, **{**_state(), "host_params": wider})
+    assert str(info.value).endswith(
+        "model.p0 (2,) (checkpoint: (1,)); model.p1 (3,) (checkpoint: (2,)); model.p2 (4,) (checkpoint: (3,))"
+    )
+
+
+def test_listing_interrupts_and_causes(tmp_path, monkeypatch):
+    """A step directory without its marker is not listed; max_step includes its own step; an interrupted save
+    removes its .tmp and re-raises; an exception with an empty failures table is described by its own text."""
+    _fake_checkpoint(tmp_path, 10, FILES)
+    os.makedirs(checkpoint.checkpoint_path(str(tmp_path), 20))  # its save never wrote the marker
+    assert [s for s, _ in checkpoint.list_checkpoints(str(tmp_path))] == [10]
+    assert checkpoint.latest_checkpoint(str(tmp_path), max_step=10).endswith("step_0000010")
+    path = checkpoint.checkpoint_path(str(tmp_path), 30)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.dcp, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(path, step=30, **_state())
+    assert not os.path.exists(path + checkpoint.TMP_SUFFIX) and not os.path.exists(path)
+    err = RuntimeError("dcp failed")
+    err.failures = {}
+    assert checkpoint.describe_failure(err) == "RuntimeError: dcp failed"
+
+
+def _two(value: float) -> dict:
+    return {**_state(), "host_params": [(n, torch.nn.Parameter(torch.full((2,), value))) for n in ("a", "b")]}
+
+
+def test_first_names_and_missing_tensors(tmp_path, monkeypatch):
+    """Messages name the first of several (unlisted files, non-finite tensors at save and at load, missing
+    tensors: three at most); a failed save removes its .tmp at once; default saves keep every checkpoint, keep=1
+    only the newest of three; the marker's format is 2."""
+    path = _fake_checkpoint(tmp_path / "u", 3, FILES)
+    _write(path, "b.distcp", b"x")
+    _write(path, "a.distcp", b"x")
+    with pytest.raises(CheckpointError, match="file 'a.distcp' is not listed"):
+        checkpoint.validate(path)
+    assert _marker(path)["format"] == 2
+    with pytest.raises(CheckpointError, match=r"2 host tensor\(s\) hold non-finite values \(first: model.a\)"):
+        monkeypatch.setattr(checkpoint, "nonfinite_host_tensors", lambda sd: [])
+        nan_path = checkpoint.checkpoint_path(str(tmp_path), 1)
+        checkpoint.save(nan_path, step=1, **_two(float("nan")))
+        monkeypatch.undo()
+        checkpoint.load(nan_path, **_two(0.0))
+    monkeypatch.undo()
+    capture = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", capture)
+    assert checkpoint.save(checkpoint.checkpoint_path(str(tmp_path), 2), step=2, **_two(float("nan"))) is None
+    assert "(first: model.a)" in capture.getvalue()
+    monkeypatch.undo()
+    small = checkpoint.checkpoint_path(str(tmp_path), 4)
+    checkpoint.save(small, step=4, **_state())
+    more = {**_state(), "host_params": [(n, torch.nn.Parameter(torch.ones(3))) for n in ("w", "x", "y", "z", "zz")]}
+    with pytest.raises(CheckpointError, match=r"it lacks \['model.x', 'model.y', 'model.z'\]$"):
+        checkpoint.load(small, **more)
+    checkpoint.load(small, **{**_state(), "prev_host": [torch.zeros(3)]})  # train.* may be absent
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(checkpoint.dcp, "save", full)
+    with pytest.raises(CheckpointError, match="ENOSPC"):
+        checkpoint.save(checkpoint.checkpoint_path(str(tmp_path), 8), step=8, **_state())
+    assert not os.path.exists(checkpoint.checkpoint_path(str(tmp_path), 8) + checkpoint.TMP_SUFFIX)
+    monkeypatch.undo()
+    run = tmp_path / "k"
+    for step in (1, 2, 3):
+        checkpoint.save(checkpoint.checkpoint_path(str(run), step), step=step, **_state())
+    assert len(os.listdir(run / "checkpoints")) == 3  # keep defaults to 0: all
+    checkpoint.save(checkpoint.checkpoint_path(str(run), 4), step=4, keep=1, **_state())
+    assert os.listdir(run / "checkpoints") == ["step_0000004"]
+
+
+def test_replicas_telemetry_is_reduced_only_with_several_replicas(tmp_path, monkeypatch):
+    """With dp replicas on a device mesh a save sums the replicas' telemetry (max for absmax) before scaling it
+    to the global batch; with one replica it reduces nothing. Two identical replicas are played by an
+    all_reduce that doubles a sum."""
+    from morpho_dist.kernels.layout import F_ABSMAX, F_BENEFIT, F_COUNT, F_GRAD_SQ
+
+    calls = []
+
+    def two_replicas(t, op=None, group=None):
+        calls.append(op)
+        if op == torch.distributed.ReduceOp.SUM:
+            t.mul_(2)
+
+    monkeypatch.setattr(checkpoint.dist, "all_reduce", two_replicas)
+    for dp, factor in ((2, 2.0), (1, 1.0)):
+        state = _training_state(0.5, dp=dp)
+        state["mesh"].device_mesh, state["mesh"].group = object(), lambda name: None
+        tel = state["layers"]["fc"].telemetry.clone()
+        path = checkpoint.checkpoint_path(str(tmp_path / str(dp)), 1)
+        checkpoint.save(path, step=1, **state)
+        single = _training_state(0.0)
+        checkpoint.load(path, **single)
+        got = single["layers"]["fc"].telemetry
+        assert torch.equal(got[:, F_COUNT], factor * tel[:, F_COUNT])
+        assert torch.equal(got[:, F_ABSMAX], tel[:, F_ABSMAX])
+        torch.testing.assert_close(got[:, F_GRAD_SQ], factor * tel[:, F_GRAD_SQ] / dp**2, rtol=0, atol=0)
+        torch.testing.assert_close(got[:, F_BENEFIT], factor * tel[:, F_BENEFIT] / dp, rtol=0, atol=0)
+    assert len(calls) == 2  # the dp=2 save: one SUM and one MAX

@@ -142,3 +142,37 @@ def test_lock_notes_and_refusals(tmp_path, capfd, monkeypatch):
     assert resume._pid_alive(12345)
     monkeypatch.setattr(os, "kill", lambda pid, sig: (_ for _ in ()).throw(ProcessLookupError()))
     assert not resume._pid_alive(12345)
+
+
+def test_auto_looks_at_any_depth_and_hints_name_the_newest_older_one(tmp_path):
+    deep = _ckpt(tmp_path / "outputs" / "2026-01-01" / "10-00-00", 4)  # Hydra's outputs/<date>/<time>
+    assert resume.find_auto_resume(str(tmp_path / "new"), str(tmp_path / "outputs")) == deep
+    _ckpt(tmp_path / "r", 10)
+    older, path = _ckpt(tmp_path / "r", 20), _ckpt(tmp_path / "r", 30)
+    os.remove(os.path.join(path, "__0_0.distcp"))
+    with pytest.raises(CheckpointError, match=f"the newest complete checkpoint before it is {older!r}$"):
+        resume.resolve_resume(path, "x")
+    with pytest.raises(TypeError):
+        resume.resolve_resume(older, "x", 40)
+
+
+@pytest.mark.parametrize(
+    "line, who",
+    [
+        ("123 node-a 2026-01-01T00:00:00", "pid 123 on node-a"),
+        ("123 node-a", "pid 123 on node-a"),
+        ("123", "another process"),
+    ],
+)
+def test_a_busy_lock_names_its_holder_when_it_can(tmp_path, line, who):
+    import fcntl
+
+    (tmp_path / resume.LOCK).write_text(line + "\n")
+    fd = os.open(tmp_path / resume.LOCK, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        busy = pytest.raises(resume.RunDirBusy, match=rf"is in use by another run \({who}\)")
+        with busy, resume.run_dir_lock(str(tmp_path), is_main=True):
+            pass
+    finally:
+        os.close(fd)
