@@ -6,6 +6,7 @@ fault-injection kill switch."""
 from __future__ import annotations
 
 import os
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -141,6 +142,31 @@ def test_check_same_decisions_in_a_one_rank_group(one_rank, monkeypatch, tmp_pat
     del layers["fc"]
     with pytest.raises(DesyncError, match=r"first differing seed: layer 'g' seed 1 \(state differ"):
         check_same_decisions([], layers, None, None, step=40)
+
+
+@pytest.mark.parametrize("key", ["g", "blocks.0.mlp", "layers.7.up_proj"])
+def test_desync_names_the_lowest_differing_seed_of_a_layer(one_rank, monkeypatch, key):
+    """Seeds 1-63 of a 64-seed layer differ on the other rank: the message names seed 1, whatever order a set of
+    (layer, seed) keys iterates in (string hashes vary per process; three layer names make a lucky order for a
+    wrong sort key about a 1-in-250,000 event)."""
+    layers = {key: _layer([Stage.DORMANT] * 64, key=key)}
+    real = dist.all_reduce
+
+    def other_rank_differs(t, op=None, group=None):
+        real(t, op=op)
+        t[0] += 1
+
+    def a_second_rank(out, obj):
+        other = {k: dict(v) for k, v in obj.items()}
+        for k in other:
+            if k[1] >= 1:
+                other[k]["state"] = "different"
+        out[:] = [obj, other]
+
+    monkeypatch.setattr(dist, "all_reduce", other_rank_differs)
+    monkeypatch.setattr(dist, "all_gather_object", a_second_rank)
+    with pytest.raises(DesyncError, match=rf"first differing seed: layer '{re.escape(key)}' seed 1 \(state differ"):
+        check_same_decisions([], layers, None, None, step=50)
 
 
 def test_mark_rolled_back_gathers_every_ranks_seeds(one_rank, monkeypatch):
