@@ -10,77 +10,25 @@ replayed after its promise changed would be stale, which shows as NaN in the liv
 from __future__ import annotations
 
 import os
-from types import SimpleNamespace
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from morpho_dist.capture import CapturedStep
-from morpho_dist.commands import tick_
-from morpho_dist.kernels.options import KernelOptions
-from morpho_dist.layer import with_rec_losses
 from morpho_dist.lifecycle import Stage
-from morpho_dist.optim import Optimizers, SeedOptimizer, host_parameters
-from morpho_dist.schedules import make_schedule
-from morpho_dist.wrap import seeded_layers, wrap
+from tests.kernels import capture_host
 from tests.kernels.cpu_graph import CpuGraph, HostReadInCapture, cpu_graphs
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="CPU kernels need TRITON_INTERPRET=1")
 HIDDEN, SEEDS, RANK, ROWS = 64, 4, 4, 8  # chunk 16: the smallest lowrank chunk
 
 
-class Host(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(HIDDEN, HIDDEN)
-        self.fc2 = nn.Linear(HIDDEN, HIDDEN)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(torch.relu(self.fc1(x)))
-
-
 def build():
-    """test_capture.build on the CPU: the fused AdamW without ``capturable`` (a CUDA-only flag; the CPU fused step
-    reads its step count on the device too) and the seed optimizer's fused Triton step."""
-    torch.manual_seed(0)
-    model = Host()
-    cfg = SimpleNamespace(targets=["fc1", "fc2"], per_layer=SEEDS, kind="lowrank", rank=RANK, act="relu")
-    wrap(model, cfg, backend="triton", kernel=KernelOptions(deterministic=True))
-    layers = seeded_layers(model)
-    host = torch.optim.AdamW(host_parameters(model, layers), lr=1e-3, fused=True)
-    optimizers = Optimizers(host, SeedOptimizer(layers, name="adamw", lr=1e-2, fused=True))
-    schedule = make_schedule(SimpleNamespace(name="fixed_ramp", ramp_steps=4, shape="linear"))
-    seeded = list(layers.values())
-
-    def step(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        loss = F.mse_loss(model(x), target)
-        total = with_rec_losses(loss, seeded, 1.0)
-        optimizers.zero_grad()
-        total.backward()
-        optimizers.step()
-        for layer in seeded:
-            schedule.step_(layer)
-        tick_(seeded)
-        return loss.detach()
-
-    return model, layers, step
+    return capture_host.build(hidden=HIDDEN, seeds=SEEDS, rank=RANK, device="cpu")
 
 
 def move(layers, k: int) -> None:
-    """The lifecycle moves made before step k (the same on both models)."""
-    fc1 = layers["fc1"]
-    if k == 3:
-        fc1.germinate(1, step=k, blend="linear")  # still idle
-    if k == 5:
-        fc1.apply_stage_changes([(1, Stage.TRAINING)], step=k)  # live: captured again
-    if k == 7:
-        fc1.apply_stage_changes([(1, Stage.GRAFTING)], step=k)  # live -> live: the same graph
-        with torch.no_grad():
-            fc1.alpha_rate[1] = 0.25
-    if k == 10:
-        fc1.apply_stage_changes([(1, Stage.CULLED)], step=k, command="cull")  # idle again: captured again
+    capture_host.move(layers, k, seed=1)
 
 
 def test_captured_step_matches_eager_through_lifecycle_moves(monkeypatch):

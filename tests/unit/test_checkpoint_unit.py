@@ -19,20 +19,9 @@ from omegaconf import OmegaConf
 
 from morpho_dist import checkpoint, resume
 from morpho_dist.checkpoint import CheckpointError
+from tests.fake_checkpoint import fake_checkpoint as _fake_checkpoint
 
 MESH = SimpleNamespace(rank=0, dp=1, dp_rank=0, seed=1, mode="data", device_mesh=None)
-
-
-def _fake_checkpoint(root, step: int, files: dict[str, bytes], keep: int = 0, config: dict | None = None) -> str:
-    """A checkpoint directory committed the way save() commits one: files in <path>.tmp, then _commit."""
-    path = checkpoint.checkpoint_path(str(root), step)
-    tmp = path + checkpoint.TMP_SUFFIX
-    os.makedirs(tmp)
-    for name, data in files.items():
-        with open(os.path.join(tmp, name), "wb") as fh:
-            fh.write(data)
-    checkpoint._commit(tmp, path, step, keep, config)
-    return path
 
 
 FILES = {".metadata": b"meta", "__0_0.distcp": b"0123456789"}

@@ -12,19 +12,14 @@ from omegaconf import OmegaConf
 from morpho_dist import checkpoint, resume
 from morpho_dist.checkpoint import CheckpointError
 from morpho_dist.errors import ConfigError
+from tests.fake_checkpoint import fake_checkpoint
 
 FILES = {".metadata": b"meta", "__0_0.distcp": b"0123456789"}
 
 
 def _ckpt(run_dir, step: int, config: dict | None = None, mtime: float | None = None) -> str:
     """A committed checkpoint the way save() leaves one (files in <path>.tmp, then the marker and rename)."""
-    path = checkpoint.checkpoint_path(str(run_dir), step)
-    tmp = path + checkpoint.TMP_SUFFIX
-    os.makedirs(tmp)
-    for name, data in FILES.items():
-        with open(os.path.join(tmp, name), "wb") as fh:
-            fh.write(data)
-    checkpoint._commit(tmp, path, step, 0, config)
+    path = fake_checkpoint(run_dir, step, FILES, config=config)
     if mtime is not None:
         os.utime(os.path.join(path, checkpoint.MARKER), (mtime, mtime))
     return path
